@@ -1,0 +1,523 @@
+"""The `GradWatch` callback: wires instrumentation, detectors and outputs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+import keras
+import numpy as np
+
+from keras_gradwatch import detectors as detectors_lib
+from keras_gradwatch import findings as F
+from keras_gradwatch.instrument import StepInstrument
+from keras_gradwatch.records import (
+    AGGREGATES,
+    LAYER_COLUMNS,
+    SCALAR_COLUMNS,
+    VARIABLE_COLUMNS,
+    EpochAggregator,
+    EpochSummary,
+    ModelLayout,
+    RecentWindow,
+    make_step_record,
+)
+
+logger = logging.getLogger("keras_gradwatch")
+
+POLICIES = ("warn", "stop", "raise")
+REPORT_VERSION = 1
+
+
+def _check_policy(name: str, value) -> str:
+    if value not in POLICIES:
+        raise ValueError(
+            f"Invalid value for argument `{name}`: expected one of "
+            f"{', '.join(repr(p) for p in POLICIES)}. Received: {name}={value!r}"
+        )
+    return value
+
+
+def _check_freq(name: str, value, words: tuple[str, ...]):
+    if isinstance(value, str):
+        if value not in words:
+            raise ValueError(
+                f"Invalid value for argument `{name}`: expected "
+                f"{' or '.join(repr(w) for w in words)} or an integer >= 1. "
+                f"Received: {name}={value!r}"
+            )
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(
+            f"Argument `{name}` must be a string or an int. "
+            f"Received: {name}={value!r} of type {type(value).__name__}"
+        )
+    return int(value)
+
+
+class GradWatch(keras.callbacks.Callback):
+    """Watch gradients, weights and updates inside the real training step.
+
+    Add it to `fit` and nothing else changes:
+
+    ```python
+    watch = GradWatch()
+    model.fit(x, y, epochs=20, callbacks=[watch])
+    watch.findings        # what was detected, most severe first
+    watch.to_dataframe()  # per-epoch statistics per variable (or level="layer")
+    watch.report()        # JSON-serialisable summary
+    ```
+
+    On `fit`, the callback rebuilds the model's train function around the
+    model's own `train_step`, hooking `model.compute_loss` and
+    `optimizer.apply` while the step is traced. The statistics therefore come
+    from the very gradients the optimizer applies, with no second forward or
+    backward pass, and training is numerically unchanged. After `fit` the
+    stock train function is back in place.
+
+    Per trainable variable and step, the graph computes the gradient L2 norm,
+    max |g|, the count of non-finite gradient entries, the fraction of
+    exactly-zero gradient entries, the weight L2 norm after the update and the
+    update norm ||w_after - w_before||; plus the global gradient norm and the
+    batch loss. Gradients are unscaled first when a `LossScaleOptimizer`
+    scales the loss. These numbers stay in a ring buffer on the device until
+    the host reads them (see `update_freq`).
+
+    Detectors (see `keras_gradwatch.detectors`) turn them into findings:
+    vanishing gradients (decay with depth, dead layers, tiny updates),
+    exploding gradients (spikes, growth towards the input, an absolute
+    ceiling, fast weight growth), non-finite values, and stagnant or
+    oscillating loss. Each new finding is emitted once as a warning of its own
+    category (see `keras_gradwatch.errors`); repeats only update its `count`
+    and `last_step`.
+
+    Args:
+        log_dir: directory for TensorBoard event files and the run record.
+            `None` (the default) writes nothing to disk.
+        update_freq: how often the host reads the statistics from the device
+            and runs the detectors: `"epoch"` (the default; the host still
+            reads early whenever the device buffer is nearly full),
+            `"batch"`, or an integer number of steps.
+        thresholds: a `Thresholds` instance; defaults to `Thresholds()`.
+        on_vanishing, on_exploding, on_nonfinite, on_loss: what to do on a new
+            finding of that group: `"warn"` (the default) emits the warning;
+            `"stop"` also sets `model.stop_training`; `"raise"` also raises a
+            `GradientError` subclass carrying the finding. Under `"stop"` or
+            `"raise"` for `on_nonfinite`, the train step skips any update whose
+            loss or gradients are not finite, and every update after it, so
+            the model keeps the last finite weights.
+        log_grad_norm: if True, the train step also returns the global
+            gradient norm as `grad_norm` in the logs, so it shows in the
+            progress bar and `History`. Defaults to `False`.
+        verbose: 0 is silent, 1 (the default) logs one status line per epoch
+            to the `keras_gradwatch` logger at INFO level, 2 also logs each
+            read of the device buffer at DEBUG level. Warnings for findings
+            are emitted whatever the verbosity.
+        buffer_steps: steps the device ring buffer holds. Defaults to `256`.
+            Memory on the device is `buffer_steps * n_variables * 7` floats.
+    """
+
+    def __init__(
+        self,
+        log_dir: str | os.PathLike | None = None,
+        update_freq: str | int = "epoch",
+        thresholds: detectors_lib.Thresholds | None = None,
+        on_vanishing: str = "warn",
+        on_exploding: str = "warn",
+        on_nonfinite: str = "warn",
+        on_loss: str = "warn",
+        log_grad_norm: bool = False,
+        verbose: int = 1,
+        buffer_steps: int = 256,
+    ):
+        super().__init__()
+        self.log_dir = None if log_dir is None else os.fspath(log_dir)
+        self.update_freq = _check_freq("update_freq", update_freq, ("epoch", "batch"))
+        if isinstance(self.update_freq, int) and self.update_freq < 1:
+            raise ValueError(
+                f"Invalid value for argument `update_freq`: an integer must be >= 1. "
+                f"Received: update_freq={update_freq!r}"
+            )
+        if thresholds is None:
+            thresholds = detectors_lib.Thresholds()
+        if not isinstance(thresholds, detectors_lib.Thresholds):
+            raise TypeError(
+                "Argument `thresholds` must be a keras_gradwatch.Thresholds instance. "
+                f"Received: thresholds={thresholds!r} of type {type(thresholds).__name__}"
+            )
+        self.thresholds = thresholds
+        self.policies = {
+            "vanishing": _check_policy("on_vanishing", on_vanishing),
+            "exploding": _check_policy("on_exploding", on_exploding),
+            "nonfinite": _check_policy("on_nonfinite", on_nonfinite),
+            "loss": _check_policy("on_loss", on_loss),
+        }
+        if not isinstance(log_grad_norm, bool):
+            raise TypeError(
+                f"Argument `log_grad_norm` must be a bool. Received: log_grad_norm={log_grad_norm!r}"
+            )
+        self.log_grad_norm = log_grad_norm
+        if verbose not in (0, 1, 2):
+            raise ValueError(
+                f"Invalid value for argument `verbose`: expected 0, 1 or 2. "
+                f"Received: verbose={verbose!r}"
+            )
+        self.verbose = verbose
+        if (
+            isinstance(buffer_steps, bool)
+            or not isinstance(buffer_steps, (int, np.integer))
+            or buffer_steps < 2
+        ):
+            raise ValueError(
+                f"Invalid value for argument `buffer_steps`: expected an integer >= 2. "
+                f"Received: buffer_steps={buffer_steps!r}"
+            )
+        self.buffer_steps = int(buffer_steps)
+        self._reset_run_state()
+
+    # -- public results ---------------------------------------------------
+
+    @property
+    def findings(self) -> list[F.Finding]:
+        """Findings of the last `fit`, most severe first, then by first step."""
+        return self._log.sorted()
+
+    @property
+    def layout(self) -> ModelLayout | None:
+        """Variables and layers of the watched model, in forward order."""
+        return self._layout
+
+    @property
+    def epochs(self) -> list[EpochSummary]:
+        """Per-epoch aggregates of the last `fit`."""
+        return list(self._summaries)
+
+    @property
+    def recent_steps(self):
+        """The most recent step records (a bounded window)."""
+        return list(self._window.records)
+
+    def to_dataframe(self, level: str = "variable"):
+        """Return the per-epoch statistics as a pandas DataFrame.
+
+        Args:
+            level: `"variable"` (the default) gives one row per epoch and
+                trainable variable, with columns `epoch`, `layer`, `depth`,
+                `variable` (its `variable.path`) and `<stat>_<aggregate>` for
+                each statistic in `VARIABLE_COLUMNS` and aggregate in `min`,
+                `median`, `max`, `last`. `"layer"` gives one row per epoch and
+                layer with `LAYER_COLUMNS`, norms combined over the layer's
+                variables as sqrt(sum of squares).
+        """
+        import pandas as pd
+
+        if level not in ("variable", "layer"):
+            raise ValueError(
+                f"Invalid value for argument `level`: expected 'variable' or 'layer'. "
+                f"Received: level={level!r}"
+            )
+        rows = []
+        layout = self._layout
+        for summary in self._summaries:
+            if level == "variable":
+                for i, info in enumerate(layout.variables):
+                    row = {
+                        "epoch": summary.epoch,
+                        "layer": info.layer,
+                        "depth": int(layout.layer_index[i]),
+                        "variable": info.path,
+                    }
+                    for c, column in enumerate(VARIABLE_COLUMNS):
+                        for a, aggregate in enumerate(AGGREGATES):
+                            row[f"{column}_{aggregate}"] = summary.variables[a, i, c]
+                    rows.append(row)
+            else:
+                for i, layer in enumerate(layout.layers):
+                    row = {"epoch": summary.epoch, "layer": layer, "depth": i}
+                    for c, column in enumerate(LAYER_COLUMNS):
+                        for a, aggregate in enumerate(AGGREGATES):
+                            row[f"{column}_{aggregate}"] = summary.layers[a, i, c]
+                    rows.append(row)
+        return pd.DataFrame(rows)
+
+    def report(self) -> dict:
+        """Return a JSON-serialisable summary of the last `fit`.
+
+        Keys: `version`, `steps`, `epochs_completed`, `lost_steps` (steps
+        overwritten in the device buffer before the host read them),
+        `skipped_updates`, `loss_scale_skips`, `thresholds`, `policies`,
+        `layers` (name, depth, variables with path and shape), `epochs`
+        (per-epoch loss mean and per-layer gradient, weight and update-ratio
+        aggregates) and `findings` (most severe first, see `Finding.to_dict`).
+        """
+        layout = self._layout
+        layers = []
+        if layout is not None:
+            for depth, name in enumerate(layout.layers):
+                layers.append(
+                    {
+                        "name": name,
+                        "depth": depth,
+                        "variables": [
+                            {"path": v.path, "shape": list(v.shape)}
+                            for v in layout.variables
+                            if v.layer == name
+                        ],
+                    }
+                )
+        epochs = []
+        for summary in self._summaries:
+            per_layer = {}
+            for i, name in enumerate(layout.layers):
+                per_layer[name] = {
+                    f"{column}_{aggregate}": F.json_number(summary.layers[a, i, c])
+                    for c, column in enumerate(LAYER_COLUMNS)
+                    for a, aggregate in enumerate(AGGREGATES)
+                }
+            epochs.append(
+                {
+                    "epoch": summary.epoch,
+                    "steps": summary.steps,
+                    "first_step": summary.first_step,
+                    "last_step": summary.last_step,
+                    "loss_mean": F.json_number(summary.loss_mean),
+                    "global_grad_norm_median": F.json_number(
+                        summary.scalars[1, SCALAR_COLUMNS.index("global_grad_norm")]
+                    ),
+                    "skipped_updates": summary.skipped_updates,
+                    "layers": per_layer,
+                }
+            )
+        return {
+            "version": REPORT_VERSION,
+            "steps": self._next_step,
+            "epochs_completed": len(self._summaries),
+            "lost_steps": self._lost_steps,
+            "skipped_updates": int(sum(s.skipped_updates for s in self._summaries)),
+            "loss_scale_skips": self._loss_scale_skips(),
+            "thresholds": {k: v for k, v in vars(self.thresholds).items()},
+            "policies": dict(self.policies),
+            "layers": layers,
+            "epochs": epochs,
+            "findings": [f.to_dict() for f in self.findings],
+        }
+
+    # -- Keras hooks ------------------------------------------------------
+
+    def on_train_begin(self, logs=None):
+        self._reset_run_state()
+        model = self.model
+        _check_model(model)
+        self._layout, variables = ModelLayout.from_model(model)
+        self._steps_per_execution = int(getattr(model, "steps_per_execution", 1) or 1)
+        capacity = max(self.buffer_steps, 2 * self._steps_per_execution)
+        guard = self.policies["nonfinite"] != "warn"
+        self._instrument = StepInstrument(
+            model, variables, capacity, guard_nonfinite=guard, log_grad_norm=self.log_grad_norm
+        )
+        self._instrument.install()
+        loss_scaling = isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+        self._detectors = []
+        for detector_class in detectors_lib.DEFAULT_DETECTORS:
+            if detector_class is detectors_lib.NonFiniteDetector:
+                detector = detector_class(self.thresholds, self._layout, loss_scaling=loss_scaling)
+            else:
+                detector = detector_class(self.thresholds, self._layout)
+            self._detectors.append(detector)
+        if self.verbose:
+            logger.info(
+                "GradWatch: watching %d trainable variables in %d layers of model %r",
+                self._layout.n_variables,
+                self._layout.n_layers,
+                model.name,
+            )
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+        self._epoch_first_step = self._host_step
+        self._aggregator = EpochAggregator(epoch)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._instrument is None:
+            return
+        # `batch` is the index of the last batch that ran in this epoch; with
+        # steps_per_execution > 1 the hook fires once per execution.
+        self._host_step = self._epoch_first_step + batch + 1
+        pending = self._host_step - self._next_step
+        if self.update_freq == "batch":
+            due = True
+        elif self.update_freq == "epoch":
+            due = pending + self._steps_per_execution > self._instrument.capacity // 2
+        else:
+            due = pending >= self.update_freq
+        if due:
+            self._read_and_detect()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._instrument is None:
+            return
+        self._read_and_detect()
+        summary = self._aggregator.summary() if self._aggregator else None
+        if summary is None:
+            return
+        self._summaries.append(summary)
+        self._host_step = summary.last_step + 1
+        for detector in self._detectors:
+            self._handle(detector.on_epoch(summary))
+        self._snapshot_finite_weights()
+        if self.verbose:
+            column = LAYER_COLUMNS.index("grad_norm")
+            norms = summary.layers[1, :, column]
+            logger.info(
+                "GradWatch epoch %d: %d steps, mean loss %.4g, median layer gradient "
+                "norms (input to output) %s, %d finding(s) so far",
+                epoch,
+                summary.steps,
+                summary.loss_mean,
+                " ".join(f"{n:.2e}" for n in norms),
+                len(self._log),
+            )
+
+    def on_train_end(self, logs=None):
+        if self._instrument is None:
+            return
+        try:
+            self._read_and_detect()
+        finally:
+            self._uninstall()
+        if self._next_step > 0 and not self._instrument_apply_seen:
+            warnings.warn(
+                f"GradWatch recorded no gradients for model {self.model.name!r}: its "
+                "train step never called `optimizer.apply` or `optimizer.apply_gradients`. "
+                "Models whose `train_step` updates the weights another way are not "
+                "supported; the findings and statistics are empty.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    # -- internals --------------------------------------------------------
+
+    def _reset_run_state(self):
+        self._log = F.FindingLog()
+        self._layout = None
+        self._instrument = None
+        self._instrument_apply_seen = False
+        self._detectors = []
+        self._summaries: list[EpochSummary] = []
+        self._aggregator = None
+        self._window = RecentWindow()
+        self._epoch = 0
+        self._epoch_first_step = 0
+        self._host_step = 0
+        self._next_step = 0
+        self._lost_steps = 0
+        self._finite_weights = None
+        self._steps_per_execution = 1
+
+    def _uninstall(self):
+        if self._instrument is not None:
+            self._instrument_apply_seen = self._instrument.optimizer_apply_seen
+            self._instrument.uninstall()
+
+    def _loss_scale_skips(self) -> int:
+        for detector in self._detectors:
+            if isinstance(detector, detectors_lib.NonFiniteDetector):
+                return detector.loss_scale_skips
+        return 0
+
+    def _read_and_detect(self):
+        first, variable_rows, scalar_rows, lost = self._instrument.read(self._next_step)
+        if lost:
+            self._lost_steps += lost
+            logger.warning(
+                "GradWatch: %d steps were overwritten in the device buffer before they "
+                "were read; raise `buffer_steps` or read more often with `update_freq`.",
+                lost,
+            )
+        if self.verbose >= 2:
+            logger.debug("GradWatch: read steps %d to %d", first, first + len(scalar_rows) - 1)
+        loss_seen = self._instrument.loss_seen
+        for offset in range(len(scalar_rows)):
+            record = make_step_record(
+                self._layout,
+                first + offset,
+                self._epoch,
+                variable_rows[offset],
+                scalar_rows[offset],
+                loss_seen=loss_seen,
+            )
+            if self._aggregator is None:
+                self._aggregator = EpochAggregator(self._epoch)
+            self._aggregator.add(record)
+            self._window.append(record)
+            for detector in self._detectors:
+                self._handle(detector.on_step(record))
+        self._next_step = first + len(scalar_rows)
+
+    def _handle(self, new_findings):
+        for finding in new_findings:
+            if not self._log.add(finding):
+                continue
+            info = F.KINDS[finding.kind]
+            warnings.warn(finding.describe(), info.warning, stacklevel=2)
+            policy = self.policies[info.group]
+            if policy == "warn":
+                continue
+            self.model.stop_training = True
+            if info.group == "nonfinite":
+                self._restore_finite_weights()
+            if policy == "raise":
+                self._uninstall()
+                self._instrument = None
+                raise info.error(finding)
+
+    def _snapshot_finite_weights(self):
+        """Keep a host copy of the weights if they are all finite (guard mode only)."""
+        if self.policies["nonfinite"] == "warn":
+            return
+        weights = [v.numpy() for v in self.model.weights]
+        if all(np.all(np.isfinite(w)) for w in weights if w.dtype.kind == "f"):
+            self._finite_weights = weights
+
+    def _restore_finite_weights(self):
+        """Restore the last finite weights if the current ones are not finite.
+
+        The guarded train step already skips non-finite updates, so the
+        weights are normally still finite here. They are not only when an
+        update with finite gradients overflowed; then the copy taken at the
+        end of the last finite epoch is restored.
+        """
+        current = [v.numpy() for v in self.model.weights]
+        if all(np.all(np.isfinite(w)) for w in current if w.dtype.kind == "f"):
+            return
+        if self._finite_weights is None:
+            logger.error("GradWatch: the weights are not finite and no finite copy exists yet")
+            return
+        self.model.set_weights(self._finite_weights)
+        logger.warning("GradWatch: restored the weights saved at the end of the last finite epoch")
+
+
+def _check_model(model):
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        raise RuntimeError(
+            f"GradWatch needs the TensorFlow backend of Keras; the active backend is "
+            f"{backend!r}. Set KERAS_BACKEND=tensorflow before importing keras."
+        )
+    if getattr(model, "optimizer", None) is None:
+        raise RuntimeError(
+            f"Model {model.name!r} has no optimizer. Call `model.compile(optimizer=...)` "
+            "before `fit`."
+        )
+    from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
+
+    if type(model).train_step is not TensorFlowTrainer.train_step:
+        warnings.warn(
+            f"Model {model.name!r} overrides `train_step`. GradWatch records the "
+            "gradients that this step passes to `optimizer.apply` or "
+            "`optimizer.apply_gradients`, and the loss returned by `compute_loss`; "
+            "anything computed another way is not seen.",
+            RuntimeWarning,
+            stacklevel=3,
+        )

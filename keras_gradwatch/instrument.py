@@ -1,0 +1,299 @@
+"""Instrumentation of a Keras model's own TensorFlow train step.
+
+`StepInstrument` rebuilds `model.train_function` around the model's unchanged
+`train_step`. While the step is traced, two hooks are in place:
+
+- `model.compute_loss` is wrapped to see the batch loss;
+- `model.optimizer.apply` is wrapped to see the gradients exactly as the
+  optimizer receives them, and the weights just before and after the update.
+
+The statistics are reduced in the graph (see `stats.py`) and written into a
+ring buffer of `tf.Variable`s on the device. The host reads that buffer only
+when asked, so the step itself never waits for the host. The hooks live only
+during tracing (or during each eager step with `run_eagerly=True`), and
+`uninstall()` puts the stock train function back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_gradwatch import stats as stats_lib
+
+
+@dataclass
+class _TraceState:
+    """Tensors seen by the hooks while one train step is traced."""
+
+    loss: tf.Tensor | None = None
+    variable_stats: list[tf.Tensor] | None = None
+    global_grad_norm: tf.Tensor | None = None
+    update_skipped: tf.Tensor | None = None
+    apply_calls: int = 0
+
+
+class StepInstrument:
+    """Instrumented train function for one model and one `fit` call.
+
+    Args:
+        model: the compiled Keras model. Its `train_step` is used unchanged.
+        variables: the trainable variables to record, in forward order.
+        capacity: number of steps the device ring buffer holds. The host must
+            read at least every `capacity` steps or the oldest rows are lost.
+        guard_nonfinite: when True, an update whose loss or gradients are not
+            finite is skipped, and so are all later updates, so the weights
+            stay at their last finite values until training stops.
+        log_grad_norm: when True, the step adds the global gradient norm to
+            its returned logs as `grad_norm`.
+    """
+
+    def __init__(
+        self, model, variables, capacity: int, guard_nonfinite: bool, log_grad_norm: bool = False
+    ):
+        self.model = model
+        self.variables = list(variables)
+        self.capacity = int(capacity)
+        self.guard_nonfinite = guard_nonfinite
+        self.log_grad_norm = log_grad_norm
+        self._index = {id(v): i for i, v in enumerate(self.variables)}
+        self._sizes = [int(np.prod(v.shape)) for v in self.variables]
+        self._original_train_function = None
+        self._installed = False
+        # Python-side facts learned while tracing, for the callback to report.
+        self.optimizer_apply_seen = False
+        self.loss_seen = False
+
+        n_vars = len(self.variables)
+        with tf.init_scope():
+            self.variable_buffer = tf.Variable(
+                tf.zeros([self.capacity, n_vars, len(stats_lib.VARIABLE_STATS)]),
+                trainable=False,
+                name="gradwatch_variable_stats",
+            )
+            self.scalar_buffer = tf.Variable(
+                tf.zeros([self.capacity, len(stats_lib.STEP_SCALARS)]),
+                trainable=False,
+                name="gradwatch_step_scalars",
+            )
+            self.steps_written = tf.Variable(
+                tf.constant(0, tf.int64), trainable=False, name="gradwatch_steps"
+            )
+            self.finite_so_far = tf.Variable(True, trainable=False, name="gradwatch_finite")
+
+    # -- installation -----------------------------------------------------
+
+    def install(self) -> None:
+        """Replace `model.train_function` with the instrumented one."""
+        model = self.model
+        self._original_train_function = model.train_function
+        step_function = model.train_step
+
+        def instrumented_train_step(data):
+            return self._run_step(step_function, data)
+
+        # `make_train_function(force=True)` wraps whatever `model.train_step`
+        # is at that moment, with Keras's own distribution, `steps_per_execution`
+        # and `jit_compile` handling. The instance attribute is removed again
+        # right after, so the model's class method is untouched.
+        model.train_step = instrumented_train_step
+        try:
+            model.make_train_function(force=True)
+        finally:
+            del model.train_step
+        self._installed = True
+
+    def uninstall(self) -> None:
+        """Put back the train function that was in place before `install`."""
+        if self._installed:
+            self.model.train_function = self._original_train_function
+            self._installed = False
+
+    # -- the step ---------------------------------------------------------
+
+    def _run_step(self, step_function, data):
+        state = _TraceState()
+        with self._hooks(state):
+            logs = step_function(data)
+        self._write_record(state)
+        if self.log_grad_norm and state.global_grad_norm is not None and isinstance(logs, dict):
+            logs = dict(logs)
+            logs["grad_norm"] = state.global_grad_norm
+        return logs
+
+    @contextlib.contextmanager
+    def _hooks(self, state: _TraceState):
+        model = self.model
+        optimizer = model.optimizer
+        original_compute_loss = model.compute_loss
+        original_apply = optimizer.apply
+
+        def compute_loss(*args, **kwargs):
+            loss = original_compute_loss(*args, **kwargs)
+            state.loss = loss
+            return loss
+
+        def apply(grads, trainable_variables=None):
+            state.apply_calls += 1
+            if trainable_variables is None:
+                trainable_variables = optimizer._trainable_variables
+            return self._instrumented_apply(
+                state, original_apply, optimizer, list(grads), list(trainable_variables)
+            )
+
+        model.compute_loss = compute_loss
+        optimizer.apply = apply
+        try:
+            yield
+        finally:
+            del optimizer.apply
+            del model.compute_loss
+
+    def _instrumented_apply(self, state, original_apply, optimizer, grads, variables):
+        unscaled = _unscale(optimizer, grads)
+        n_grad_stats = 4
+        per_variable = [None] * len(self.variables)
+        norms = []
+        finite_checks = []
+        for gradient, variable in zip(unscaled, variables):
+            index = self._index.get(id(variable))
+            if index is None or gradient is None:
+                continue
+            grad_stats = stats_lib.gradient_stats(gradient, self._sizes[index])
+            per_variable[index] = grad_stats
+            norms.append(grad_stats[0])
+            finite_checks.append(tf.equal(grad_stats[2], 0.0))
+
+        all_finite = tf.reduce_all(tf.stack(finite_checks)) if finite_checks else tf.constant(True)
+        if state.loss is not None:
+            loss_finite = tf.reduce_all(tf.math.is_finite(tf.cast(state.loss, tf.float32)))
+            step_finite = tf.logical_and(all_finite, loss_finite)
+        else:
+            step_finite = all_finite
+
+        before = {
+            i: tf.identity(self.variables[i].value)
+            for i in range(len(self.variables))
+            if per_variable[i] is not None
+        }
+        with tf.control_dependencies(list(before.values())):
+            skipped = self._apply_update(original_apply, optimizer, grads, variables, step_finite)
+
+        with tf.control_dependencies([skipped]):
+            rows = []
+            for i, variable in enumerate(self.variables):
+                after = tf.identity(variable.value)
+                weight_norm = stats_lib.l2_norm(after)
+                if per_variable[i] is None:
+                    nan = tf.constant(float("nan"))
+                    rows.append(tf.stack([nan] * n_grad_stats + [weight_norm, nan, 0.0]))
+                    continue
+                update_norm = stats_lib.l2_norm(after - before[i])
+                rows.append(tf.stack(per_variable[i] + [weight_norm, update_norm, 1.0]))
+
+        state.variable_stats = rows
+        state.global_grad_norm = stats_lib.global_norm(norms)
+        state.update_skipped = skipped
+        self.optimizer_apply_seen = True
+
+    def _apply_update(self, original_apply, optimizer, grads, variables, step_finite):
+        """Run the optimizer update; return 1.0 if it was skipped, else 0.0."""
+        if not self.guard_nonfinite:
+            original_apply(grads, variables)
+            if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+                # The loss scale optimizer skips updates with non-finite
+                # gradients by itself and lowers the scale.
+                return 1.0 - tf.cast(step_finite, tf.float32)
+            return tf.constant(0.0)
+
+        proceed = tf.logical_and(self.finite_so_far, step_finite)
+
+        def update():
+            original_apply(grads, variables)
+            return tf.constant(0.0)
+
+        def skip():
+            return tf.constant(1.0)
+
+        skipped = tf.cond(proceed, update, skip)
+        self.finite_so_far.assign(proceed)
+        return skipped
+
+    def _write_record(self, state: _TraceState) -> None:
+        n_stats = len(stats_lib.VARIABLE_STATS)
+        nan = tf.constant(float("nan"))
+        if state.variable_stats is None:
+            rows = tf.fill([len(self.variables), n_stats], nan)
+            global_grad_norm = nan
+            skipped = tf.constant(0.0)
+        else:
+            rows = (
+                tf.stack(state.variable_stats) if state.variable_stats else tf.zeros([0, n_stats])
+            )
+            global_grad_norm = state.global_grad_norm
+            skipped = tf.cast(state.update_skipped, tf.float32)
+        if state.loss is not None:
+            self.loss_seen = True
+            loss = tf.reduce_mean(tf.cast(state.loss, tf.float32))
+        else:
+            loss = nan
+
+        slot = tf.math.floormod(self.steps_written, self.capacity)
+        self.variable_buffer[slot].assign(rows)
+        self.scalar_buffer[slot].assign(tf.stack([loss, global_grad_norm, skipped]))
+        self.steps_written.assign_add(1)
+
+    # -- host side --------------------------------------------------------
+
+    def read(self, first_step: int) -> tuple[int, np.ndarray, np.ndarray, int]:
+        """Read the steps written since `first_step`.
+
+        Returns `(first, variable_stats, step_scalars, lost)`: the step number
+        of the first row returned, arrays of shape `(steps, n_vars, n_stats)`
+        and `(steps, n_scalars)`, and how many steps were overwritten in the
+        ring buffer before they could be read.
+        """
+        written = int(self.steps_written.numpy())
+        lost = max(0, written - first_step - self.capacity)
+        first = first_step + lost
+        if written <= first:
+            n_vars = len(self.variables)
+            empty_vars = np.zeros((0, n_vars, len(stats_lib.VARIABLE_STATS)), np.float32)
+            empty_scalars = np.zeros((0, len(stats_lib.STEP_SCALARS)), np.float32)
+            return first, empty_vars, empty_scalars, lost
+        slots = np.arange(first, written) % self.capacity
+        variable_rows = self.variable_buffer.numpy()[slots]
+        scalar_rows = self.scalar_buffer.numpy()[slots]
+        return first, variable_rows, scalar_rows, lost
+
+    def steps_written_now(self) -> int:
+        return int(self.steps_written.numpy())
+
+
+def _unscale(optimizer, grads):
+    """Undo the loss scaling that the optimizer applies to the loss."""
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        scale = optimizer.dynamic_scale
+    elif getattr(optimizer, "loss_scale_factor", None):
+        scale = optimizer.loss_scale_factor
+    else:
+        return grads
+    unscaled = []
+    for gradient in grads:
+        if gradient is None:
+            unscaled.append(None)
+        elif isinstance(gradient, tf.IndexedSlices):
+            unscaled.append(
+                tf.IndexedSlices(
+                    gradient.values / tf.cast(scale, gradient.values.dtype),
+                    gradient.indices,
+                    gradient.dense_shape,
+                )
+            )
+        else:
+            unscaled.append(gradient / tf.cast(scale, gradient.dtype))
+    return unscaled

@@ -1,0 +1,299 @@
+"""Host-side records: the model layout, one step's statistics, epoch aggregates."""
+
+from __future__ import annotations
+
+import collections
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from keras_gradwatch.stats import SCALAR_INDEX, STAT_INDEX
+
+# Per-variable columns kept on the host: the device statistics less the
+# `has_gradient` flag, plus the relative update size.
+VARIABLE_COLUMNS = (
+    "grad_norm",
+    "grad_max",
+    "grad_nonfinite",
+    "grad_zero_fraction",
+    "weight_norm",
+    "update_norm",
+    "update_ratio",
+)
+# Per-layer columns: norms combine the layer's variables as sqrt(sum of squares).
+LAYER_COLUMNS = (
+    "grad_norm",
+    "grad_max",
+    "grad_nonfinite",
+    "weight_norm",
+    "update_norm",
+    "update_ratio",
+)
+SCALAR_COLUMNS = ("loss", "global_grad_norm", "update_skipped")
+AGGREGATES = ("min", "median", "max", "last")
+
+
+@dataclass(frozen=True)
+class VariableInfo:
+    """A trainable variable: its `variable.path`, owning layer and shape."""
+
+    path: str
+    layer: str
+    shape: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape)) if self.shape else 1
+
+
+class ModelLayout:
+    """Trainable variables of a model grouped by layer, layers in forward order.
+
+    The owning layer of a variable is the innermost layer that tracks it, so
+    the variables of a nested model or a layer made of layers are grouped
+    under the layer that holds them. A layer used twice appears once.
+    """
+
+    def __init__(self, variables: list[VariableInfo]):
+        self.variables = list(variables)
+        self.layers: list[str] = []
+        for info in self.variables:
+            if info.layer not in self.layers:
+                self.layers.append(info.layer)
+        position = {name: i for i, name in enumerate(self.layers)}
+        self.layer_index = np.array([position[v.layer] for v in self.variables], dtype=np.int64)
+
+    @classmethod
+    def from_model(cls, model) -> tuple[ModelLayout, list]:
+        """Return the layout and the trainable variables, both in forward order."""
+        owner: dict[int, str] = {}
+        order: dict[int, int] = {}
+        layers = list(model._flatten_layers(include_self=False, recursive=True))
+        for depth, layer in enumerate(layers):
+            for variable in layer.trainable_weights:
+                owner[id(variable)] = layer.name
+                order.setdefault(id(variable), depth)
+        variables = list(model.trainable_variables)
+        # Sort by the first layer (pre-order) that tracks the variable, which is
+        # forward order for Sequential and Functional models; ties keep the
+        # model's own order.
+        ranked = sorted(
+            enumerate(variables), key=lambda item: (order.get(id(item[1]), len(layers)), item[0])
+        )
+        variables = [v for _, v in ranked]
+        infos = [
+            VariableInfo(
+                path=v.path,
+                layer=owner.get(id(v), model.name),
+                shape=tuple(int(d) for d in v.shape),
+            )
+            for v in variables
+        ]
+        return cls(infos), variables
+
+    @property
+    def n_variables(self) -> int:
+        return len(self.variables)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    def combine_norms(self, per_variable: np.ndarray) -> np.ndarray:
+        """Combine per-variable L2 norms into per-layer L2 norms.
+
+        NaN entries (no gradient) are left out; a layer with no finite-or-inf
+        entry at all gets NaN.
+        """
+        squares = np.square(per_variable.astype(np.float64))
+        present = ~np.isnan(squares)
+        sums = np.zeros(self.n_layers)
+        counts = np.zeros(self.n_layers)
+        np.add.at(sums, self.layer_index, np.where(present, squares, 0.0))
+        np.add.at(counts, self.layer_index, present)
+        with np.errstate(invalid="ignore"):
+            return np.where(counts > 0, np.sqrt(sums), np.nan)
+
+    def combine_max(self, per_variable: np.ndarray) -> np.ndarray:
+        out = np.full(self.n_layers, np.nan)
+        for i, value in zip(self.layer_index, per_variable):
+            if not np.isnan(value):
+                out[i] = value if np.isnan(out[i]) else max(out[i], value)
+        return out
+
+    def combine_sum(self, per_variable: np.ndarray) -> np.ndarray:
+        out = np.zeros(self.n_layers)
+        np.add.at(out, self.layer_index, np.nan_to_num(per_variable, nan=0.0))
+        return out
+
+
+@dataclass
+class StepRecord:
+    """Statistics of one training step, as read back from the device."""
+
+    step: int
+    epoch: int
+    variables: np.ndarray  # (n_variables, len(VARIABLE_COLUMNS))
+    layers: np.ndarray  # (n_layers, len(LAYER_COLUMNS))
+    has_gradient: np.ndarray  # (n_variables,) bool
+    loss: float
+    global_grad_norm: float
+    update_skipped: bool
+    loss_seen: bool = True
+
+    def variable(self, column: str) -> np.ndarray:
+        return self.variables[:, VARIABLE_COLUMNS.index(column)]
+
+    def layer(self, column: str) -> np.ndarray:
+        return self.layers[:, LAYER_COLUMNS.index(column)]
+
+    def scalars(self) -> np.ndarray:
+        return np.array([self.loss, self.global_grad_norm, float(self.update_skipped)])
+
+
+def make_step_record(
+    layout: ModelLayout,
+    step: int,
+    epoch: int,
+    device_row: np.ndarray,
+    scalar_row: np.ndarray,
+    loss_seen: bool = True,
+) -> StepRecord:
+    """Build a `StepRecord` from one row of the device buffers."""
+    device_row = device_row.astype(np.float64)
+    weight_norm = device_row[:, STAT_INDEX["weight_norm"]]
+    update_norm = device_row[:, STAT_INDEX["update_norm"]]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        update_ratio = np.where(weight_norm > 0, update_norm / weight_norm, np.nan)
+    variables = np.column_stack(
+        [device_row[:, STAT_INDEX[name]] for name in VARIABLE_COLUMNS[:-1]] + [update_ratio]
+    )
+
+    layer_weight = layout.combine_norms(weight_norm)
+    layer_update = layout.combine_norms(update_norm)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        layer_ratio = np.where(layer_weight > 0, layer_update / layer_weight, np.nan)
+    layers = np.column_stack(
+        [
+            layout.combine_norms(device_row[:, STAT_INDEX["grad_norm"]]),
+            layout.combine_max(device_row[:, STAT_INDEX["grad_max"]]),
+            layout.combine_sum(device_row[:, STAT_INDEX["grad_nonfinite"]]),
+            layer_weight,
+            layer_update,
+            layer_ratio,
+        ]
+    )
+    return StepRecord(
+        step=step,
+        epoch=epoch,
+        variables=variables,
+        layers=layers,
+        has_gradient=device_row[:, STAT_INDEX["has_gradient"]] > 0.5,
+        loss=float(scalar_row[SCALAR_INDEX["loss"]]),
+        global_grad_norm=float(scalar_row[SCALAR_INDEX["global_grad_norm"]]),
+        update_skipped=bool(scalar_row[SCALAR_INDEX["update_skipped"]] > 0.5),
+        loss_seen=loss_seen,
+    )
+
+
+@dataclass
+class EpochSummary:
+    """Min, median, max and last of every statistic over one epoch.
+
+    Each array has a leading axis of `AGGREGATES` (min, median, max, last).
+    The median is exact up to `EpochAggregator.reservoir_size` steps per epoch
+    and taken from a uniform random sample of the epoch's steps beyond that.
+    """
+
+    epoch: int
+    steps: int
+    first_step: int
+    last_step: int
+    variables: np.ndarray  # (4, n_variables, len(VARIABLE_COLUMNS))
+    layers: np.ndarray  # (4, n_layers, len(LAYER_COLUMNS))
+    scalars: np.ndarray  # (4, len(SCALAR_COLUMNS))
+    loss_mean: float
+    skipped_updates: int
+
+
+class EpochAggregator:
+    """Running min/median/max/last of a step's statistics, in bounded memory."""
+
+    def __init__(self, epoch: int, reservoir_size: int = 256, seed: int = 0):
+        self.epoch = epoch
+        self.reservoir_size = reservoir_size
+        self._rng = np.random.default_rng(seed + epoch)
+        self._min = None
+        self._max = None
+        self._last = None
+        self._reservoir: list[np.ndarray] = []
+        self.steps = 0
+        self.first_step = -1
+        self.last_step = -1
+        self._loss_sum = 0.0
+        self._loss_count = 0
+        self._skipped = 0
+        self._shapes = None
+
+    def add(self, record: StepRecord) -> None:
+        flat = np.concatenate([record.variables.ravel(), record.layers.ravel(), record.scalars()])
+        if self._shapes is None:
+            self._shapes = (record.variables.shape, record.layers.shape)
+            self._min = flat.copy()
+            self._max = flat.copy()
+            self.first_step = record.step
+        else:
+            self._min = np.fmin(self._min, flat)
+            self._max = np.fmax(self._max, flat)
+        self._last = flat
+        self.last_step = record.step
+        self.steps += 1
+        if np.isfinite(record.loss):
+            self._loss_sum += record.loss
+            self._loss_count += 1
+        self._skipped += int(record.update_skipped)
+
+        # Reservoir sampling keeps a uniform sample of the epoch's steps.
+        if len(self._reservoir) < self.reservoir_size:
+            self._reservoir.append(flat)
+        else:
+            slot = self._rng.integers(0, self.steps)
+            if slot < self.reservoir_size:
+                self._reservoir[slot] = flat
+
+    def summary(self) -> EpochSummary | None:
+        if self._shapes is None:
+            return None
+        with warnings.catch_warnings():
+            # All-NaN columns (variables without a gradient) give NaN medians.
+            warnings.simplefilter("ignore", RuntimeWarning)
+            median = np.nanmedian(np.stack(self._reservoir), axis=0)
+        stacked = np.stack([self._min, median, self._max, self._last])
+        var_shape, layer_shape = self._shapes
+        n_var = int(np.prod(var_shape))
+        n_layer = int(np.prod(layer_shape))
+        return EpochSummary(
+            epoch=self.epoch,
+            steps=self.steps,
+            first_step=self.first_step,
+            last_step=self.last_step,
+            variables=stacked[:, :n_var].reshape((4,) + var_shape),
+            layers=stacked[:, n_var : n_var + n_layer].reshape((4,) + layer_shape),
+            scalars=stacked[:, n_var + n_layer :],
+            loss_mean=self._loss_sum / self._loss_count if self._loss_count else float("nan"),
+            skipped_updates=self._skipped,
+        )
+
+
+@dataclass
+class RecentWindow:
+    """The last `size` step records, for detectors and the report."""
+
+    size: int = 64
+    records: collections.deque = field(default_factory=collections.deque)
+
+    def append(self, record: StepRecord) -> None:
+        self.records.append(record)
+        while len(self.records) > self.size:
+            self.records.popleft()

@@ -1,0 +1,57 @@
+"""The in-graph statistics against numpy on hand-set gradients."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_gradwatch import stats
+
+
+def test_dense_stats_match_numpy():
+    gradient = np.array([[3.0, -4.0, 0.0], [0.0, 12.0, -1.0]], dtype=np.float32)
+    norm, max_abs, nonfinite, zero_fraction = (
+        float(t) for t in stats.dense_gradient_stats(tf.constant(gradient))
+    )
+    np.testing.assert_allclose(norm, np.linalg.norm(gradient.ravel()), rtol=1e-6)
+    assert max_abs == 12.0
+    assert nonfinite == 0.0
+    assert zero_fraction == pytest.approx(2 / 6, rel=1e-6)
+
+
+def test_dense_stats_count_nonfinite():
+    gradient = np.array([1.0, np.nan, np.inf, -np.inf, 0.0], dtype=np.float32)
+    _, _, nonfinite, zero_fraction = (
+        float(t) for t in stats.dense_gradient_stats(tf.constant(gradient))
+    )
+    assert nonfinite == 3.0
+    assert zero_fraction == pytest.approx(1 / 5, rel=1e-6)
+
+
+def test_sparse_stats_equal_dense_equivalent():
+    # Row 2 appears twice; the dense gradient sums the two slices.
+    values = np.array([[1.0, 2.0], [3.0, -4.0], [0.5, 0.5]], dtype=np.float32)
+    indices = np.array([2, 0, 2])
+    dense = np.zeros((5, 2), dtype=np.float32)
+    np.add.at(dense, indices, values)
+    sparse = tf.IndexedSlices(tf.constant(values), tf.constant(indices), tf.constant([5, 2]))
+
+    norm, max_abs, nonfinite, zero_fraction = (
+        float(t) for t in stats.gradient_stats(sparse, dense.size)
+    )
+    np.testing.assert_allclose(norm, np.linalg.norm(dense.ravel()), rtol=1e-6)
+    np.testing.assert_allclose(max_abs, np.abs(dense).max(), rtol=1e-6)
+    assert nonfinite == 0.0
+    np.testing.assert_allclose(zero_fraction, np.mean(dense == 0.0), rtol=1e-6)
+
+
+def test_global_norm_combines_norms():
+    norms = [tf.constant(3.0), tf.constant(4.0), tf.constant(12.0)]
+    assert float(stats.global_norm(norms)) == 13.0
+    assert float(stats.global_norm([])) == 0.0
+
+
+def test_l2_norm_of_any_shape():
+    tensor = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    np.testing.assert_allclose(
+        float(stats.l2_norm(tf.constant(tensor))), np.linalg.norm(tensor.ravel()), rtol=1e-6
+    )

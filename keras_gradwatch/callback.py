@@ -155,7 +155,8 @@ class GradWatch(keras.callbacks.Callback):
         }
         if not isinstance(log_grad_norm, bool):
             raise TypeError(
-                f"Argument `log_grad_norm` must be a bool. Received: log_grad_norm={log_grad_norm!r}"
+                "Argument `log_grad_norm` must be a bool. "
+                f"Received: log_grad_norm={log_grad_norm!r}"
             )
         self.log_grad_norm = log_grad_norm
         if verbose not in (0, 1, 2):
@@ -498,13 +499,17 @@ class GradWatch(keras.callbacks.Callback):
         logger.warning("GradWatch: restored the weights saved at the end of the last finite epoch")
 
 
-def _check_model(model):
-    backend = keras.backend.backend()
+def check_backend(backend: str) -> None:
+    """Raise `RuntimeError` unless `backend` is Keras's TensorFlow backend."""
     if backend != "tensorflow":
         raise RuntimeError(
             f"GradWatch needs the TensorFlow backend of Keras; the active backend is "
             f"{backend!r}. Set KERAS_BACKEND=tensorflow before importing keras."
         )
+
+
+def _check_model(model):
+    check_backend(keras.backend.backend())
     if getattr(model, "optimizer", None) is None:
         raise RuntimeError(
             f"Model {model.name!r} has no optimizer. Call `model.compile(optimizer=...)` "

@@ -125,13 +125,14 @@ class Thresholds:
             an over-large learning rate that throws the output back and forth
             moves it by 5% and more.
         oscillation_progress: ...and when the window's mean loss is less than
-            this fraction below the first window's mean. Defaults to `0.15`.
+            this fraction below the starting level (the lowest mean of the
+            first three windows). Defaults to `0.15`.
             Minibatch noise alone gives healthy models swings of 5 to 20%,
             so only a loss that swings without improving is reported.
         oscillation_patience: consecutive oscillating windows before a
-            finding. Defaults to `20` (1,000 steps with the default window),
-            long enough for a slowly starting healthy model to improve by
-            more than `oscillation_progress`.
+            finding. Defaults to `40` (2,000 steps with the default window),
+            long enough for a slowly starting healthy model (a dropout MLP,
+            say) to improve by more than `oscillation_progress`.
     """
 
     patience_steps: int = 20
@@ -149,7 +150,7 @@ class Thresholds:
     oscillation_window: int = 50
     oscillation_swing: float = 0.03
     oscillation_progress: float = 0.15
-    oscillation_patience: int = 20
+    oscillation_patience: int = 40
 
     def __post_init__(self):
         positive_ints = (
@@ -620,10 +621,14 @@ class LossOscillationDetector(Detector):
     The loss is cut into windows of `oscillation_window` steps. A window
     counts as oscillating when its mean absolute batch-to-batch change,
     relative to its mean, exceeds `oscillation_swing`, and its mean is less
-    than `oscillation_progress` below the first window's mean. A finding
-    needs `oscillation_patience` such windows in a row, so a healthy model
-    that learns slowly at first is not reported.
+    than `oscillation_progress` below the starting level. The starting level
+    is the lowest mean of the first three windows, so that a chaotic first
+    window (a badly placed output bias, say) does not count as the start. A
+    finding needs `oscillation_patience` such windows in a row, so a healthy
+    model that learns slowly at first is not reported.
     """
+
+    reference_windows = 3
 
     name = "oscillation"
 
@@ -632,6 +637,7 @@ class LossOscillationDetector(Detector):
         self.window = []
         self.window_start = None
         self.reference = None
+        self.windows_seen = 0
         self.run_start = None
         self.run_length = 0
 
@@ -647,8 +653,9 @@ class LossOscillationDetector(Detector):
         values = np.asarray(self.window)
         self.window = []
         mean = float(values.mean())
-        if self.reference is None:
-            self.reference = mean
+        self.windows_seen += 1
+        if self.windows_seen <= self.reference_windows:
+            self.reference = mean if self.reference is None else min(self.reference, mean)
         if mean <= 0 or self.reference <= 0:
             return []
         swing = float(np.mean(np.abs(np.diff(values)))) / mean

@@ -204,7 +204,7 @@ def test_oscillation_without_progress(layout):
 
 
 def test_oscillation_silent_when_loss_falls(layout):
-    thresholds = Thresholds(oscillation_window=10, oscillation_patience=3)
+    thresholds = Thresholds(oscillation_window=10, oscillation_patience=5)
     detector = D.LossOscillationDetector(thresholds, layout)
     losses = [(0.9 if s % 2 else 0.6) * (0.8 ** (s // 10)) for s in range(60)]
     assert (

@@ -93,8 +93,12 @@ class GradWatch(keras.callbacks.Callback):
     and `last_step`.
 
     Args:
-        log_dir: directory for TensorBoard event files and the run record.
-            `None` (the default) writes nothing to disk.
+        log_dir: directory for TensorBoard event files (under `train/`) and
+            the run record (`gradwatch.jsonl` and `report.json`). It is
+            created at construction if missing. `None` (the default) writes
+            nothing to disk.
+        histogram_freq: write gradient and weight histograms to TensorBoard
+            every this many epochs; 0 (the default) writes none.
         update_freq: how often the host reads the statistics from the device
             and runs the detectors: `"epoch"` (the default; the host still
             reads early whenever the device buffer is nearly full),
@@ -121,6 +125,7 @@ class GradWatch(keras.callbacks.Callback):
     def __init__(
         self,
         log_dir: str | os.PathLike | None = None,
+        histogram_freq: int = 0,
         update_freq: str | int = "epoch",
         thresholds: detectors_lib.Thresholds | None = None,
         on_vanishing: str = "warn",
@@ -132,7 +137,17 @@ class GradWatch(keras.callbacks.Callback):
         buffer_steps: int = 256,
     ):
         super().__init__()
-        self.log_dir = None if log_dir is None else os.fspath(log_dir)
+        self.log_dir = None if log_dir is None else _prepare_log_dir(log_dir)
+        if (
+            isinstance(histogram_freq, bool)
+            or not isinstance(histogram_freq, (int, np.integer))
+            or histogram_freq < 0
+        ):
+            raise ValueError(
+                "Invalid value for argument `histogram_freq`: expected an integer >= 0 "
+                f"(0 turns histograms off). Received: histogram_freq={histogram_freq!r}"
+            )
+        self.histogram_freq = int(histogram_freq)
         self.update_freq = _check_freq("update_freq", update_freq, ("epoch", "batch"))
         if isinstance(self.update_freq, int) and self.update_freq < 1:
             raise ValueError(
@@ -326,6 +341,8 @@ class GradWatch(keras.callbacks.Callback):
             else:
                 detector = detector_class(self.thresholds, self._layout)
             self._detectors.append(detector)
+        self._sinks = self._make_sinks()
+        self._call_sinks("open", self)
         if self.verbose:
             logger.info(
                 "GradWatch: watching %d trainable variables in %d layers of model %r",
@@ -366,6 +383,7 @@ class GradWatch(keras.callbacks.Callback):
         self._host_step = summary.last_step + 1
         for detector in self._detectors:
             self._handle(detector.on_epoch(summary))
+        self._call_sinks("on_epoch", summary, self)
         self._snapshot_finite_weights()
         if self.verbose:
             column = LAYER_COLUMNS.index("grad_norm")
@@ -415,11 +433,42 @@ class GradWatch(keras.callbacks.Callback):
         self._lost_steps = 0
         self._finite_weights = None
         self._steps_per_execution = 1
+        self._sinks = []
 
     def _uninstall(self):
         if self._instrument is not None:
             self._instrument_apply_seen = self._instrument.optimizer_apply_seen
             self._instrument.uninstall()
+        self._call_sinks("close", self)
+        self._sinks = []
+
+    def _make_sinks(self) -> list:
+        """Create the outputs for this run (none without `log_dir`)."""
+        if self.log_dir is None:
+            return []
+        from keras_gradwatch.run_record import RunRecordSink
+        from keras_gradwatch.tensorboard_sink import TensorBoardSink
+
+        return [
+            RunRecordSink(self.log_dir),
+            TensorBoardSink(
+                self.log_dir, histogram_freq=self.histogram_freq, update_freq=self.update_freq
+            ),
+        ]
+
+    def _call_sinks(self, hook: str, *args) -> None:
+        """Call `hook` on every sink; a failing sink is logged and dropped."""
+        for sink in list(self._sinks):
+            try:
+                getattr(sink, hook)(*args)
+            except Exception:
+                logger.exception(
+                    "GradWatch: output %r failed in %s and is switched off for this run; "
+                    "training continues",
+                    sink.name,
+                    hook,
+                )
+                self._sinks.remove(sink)
 
     def _loss_scale_skips(self) -> int:
         for detector in self._detectors:
@@ -452,6 +501,7 @@ class GradWatch(keras.callbacks.Callback):
                 self._aggregator = EpochAggregator(self._epoch)
             self._aggregator.add(record)
             self._window.append(record)
+            self._call_sinks("on_step", record)
             for detector in self._detectors:
                 self._handle(detector.on_step(record))
         self._next_step = first + len(scalar_rows)
@@ -461,6 +511,7 @@ class GradWatch(keras.callbacks.Callback):
             if not self._log.add(finding):
                 continue
             info = F.KINDS[finding.kind]
+            self._call_sinks("on_finding", finding)
             warnings.warn(finding.describe(), info.warning, stacklevel=2)
             policy = self.policies[info.group]
             if policy == "warn":
@@ -497,6 +548,29 @@ class GradWatch(keras.callbacks.Callback):
             return
         self.model.set_weights(self._finite_weights)
         logger.warning("GradWatch: restored the weights saved at the end of the last finite epoch")
+
+
+def _prepare_log_dir(log_dir) -> str:
+    """Create `log_dir` if needed; raise `ValueError` if that is impossible."""
+    if not isinstance(log_dir, (str, os.PathLike)):
+        raise TypeError(
+            "Argument `log_dir` must be a path (str or os.PathLike) or None. "
+            f"Received: log_dir={log_dir!r} of type {type(log_dir).__name__}"
+        )
+    path = os.fspath(log_dir)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        raise ValueError(
+            f"Invalid value for argument `log_dir`: the directory cannot be created "
+            f"({error.strerror}). Received: log_dir={path!r}. Pass a writable directory."
+        ) from error
+    if not os.access(path, os.W_OK):
+        raise ValueError(
+            f"Invalid value for argument `log_dir`: the directory is not writable. "
+            f"Received: log_dir={path!r}. Pass a writable directory."
+        )
+    return path
 
 
 def check_backend(backend: str) -> None:

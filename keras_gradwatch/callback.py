@@ -330,7 +330,12 @@ class GradWatch(keras.callbacks.Callback):
         capacity = max(self.buffer_steps, 2 * self._steps_per_execution)
         guard = self.policies["nonfinite"] != "warn"
         self._instrument = StepInstrument(
-            model, variables, capacity, guard_nonfinite=guard, log_grad_norm=self.log_grad_norm
+            model,
+            variables,
+            capacity,
+            guard_nonfinite=guard,
+            log_grad_norm=self.log_grad_norm,
+            store_gradients=self.log_dir is not None and self.histogram_freq > 0,
         )
         self._instrument.install()
         loss_scaling = isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
@@ -355,6 +360,40 @@ class GradWatch(keras.callbacks.Callback):
         self._epoch = epoch
         self._epoch_first_step = self._host_step
         self._aggregator = EpochAggregator(epoch)
+        self._store_armed = False
+
+    def on_train_batch_begin(self, batch, logs=None):
+        instrument = self._instrument
+        if instrument is None or instrument.gradient_store is None or self._store_armed:
+            return
+        if not self.is_histogram_epoch(self._epoch):
+            return
+        # Arm the gradient copy for the last execution of the epoch, so the
+        # histograms show the gradients of the epoch's last step. With an
+        # unknown epoch length, every step is copied and the last one stays.
+        steps = (self.params or {}).get("steps")
+        if steps is None or batch + self._steps_per_execution >= steps:
+            instrument.store_armed.assign(True)
+            self._store_armed = True
+
+    def is_histogram_epoch(self, epoch: int) -> bool:
+        """Return True if histograms are written at the end of `epoch`."""
+        return self.histogram_freq > 0 and epoch % self.histogram_freq == 0
+
+    def stored_gradients(self) -> list | None:
+        """Return the device copies of the last armed step's gradients.
+
+        One `tf.Variable` per entry of `layout.variables`, or None when
+        histograms are off. Entries of variables without a gradient stay 0.
+        """
+        if self._instrument is None:
+            return None
+        return self._instrument.gradient_store
+
+    @property
+    def watched_variables(self) -> list:
+        """The model's trainable variables, in the order of `layout.variables`."""
+        return [] if self._instrument is None else list(self._instrument.variables)
 
     def on_train_batch_end(self, batch, logs=None):
         if self._instrument is None:
@@ -384,6 +423,9 @@ class GradWatch(keras.callbacks.Callback):
         for detector in self._detectors:
             self._handle(detector.on_epoch(summary))
         self._call_sinks("on_epoch", summary, self)
+        if self._store_armed:
+            self._instrument.store_armed.assign(False)
+            self._store_armed = False
         self._snapshot_finite_weights()
         if self.verbose:
             column = LAYER_COLUMNS.index("grad_norm")
@@ -434,6 +476,7 @@ class GradWatch(keras.callbacks.Callback):
         self._finite_weights = None
         self._steps_per_execution = 1
         self._sinks = []
+        self._store_armed = False
 
     def _uninstall(self):
         if self._instrument is not None:

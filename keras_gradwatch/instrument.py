@@ -50,10 +50,21 @@ class StepInstrument:
             stay at their last finite values until training stops.
         log_grad_norm: when True, the step adds the global gradient norm to
             its returned logs as `grad_norm`.
+        store_gradients: when True, a copy of every gradient is kept on the
+            device in `gradient_store`, overwritten only by steps that run
+            while `store_armed` is True. This costs one extra copy of the
+            trainable weights in device memory, and a copy of the gradients
+            in the armed steps only.
     """
 
     def __init__(
-        self, model, variables, capacity: int, guard_nonfinite: bool, log_grad_norm: bool = False
+        self,
+        model,
+        variables,
+        capacity: int,
+        guard_nonfinite: bool,
+        log_grad_norm: bool = False,
+        store_gradients: bool = False,
     ):
         self.model = model
         self.variables = list(variables)
@@ -84,6 +95,16 @@ class StepInstrument:
                 tf.constant(0, tf.int64), trainable=False, name="gradwatch_steps"
             )
             self.finite_so_far = tf.Variable(True, trainable=False, name="gradwatch_finite")
+            self.gradient_store = None
+            self.store_armed = None
+            if store_gradients:
+                self.store_armed = tf.Variable(False, trainable=False, name="gradwatch_armed")
+                self.gradient_store = [
+                    tf.Variable(
+                        tf.zeros(v.shape, tf.float32), trainable=False, name="gradwatch_gradient"
+                    )
+                    for v in self.variables
+                ]
 
     # -- installation -----------------------------------------------------
 
@@ -168,6 +189,9 @@ class StepInstrument:
             norms.append(grad_stats[0])
             finite_checks.append(tf.equal(grad_stats[2], 0.0))
 
+        if self.gradient_store is not None:
+            self._store_gradients(unscaled, variables)
+
         all_finite = tf.reduce_all(tf.stack(finite_checks)) if finite_checks else tf.constant(True)
         if state.loss is not None:
             loss_finite = tf.reduce_all(tf.math.is_finite(tf.cast(state.loss, tf.float32)))
@@ -199,6 +223,23 @@ class StepInstrument:
         state.global_grad_norm = stats_lib.global_norm(norms)
         state.update_skipped = skipped
         self.optimizer_apply_seen = True
+
+    def _store_gradients(self, gradients, variables):
+        """Copy the gradients into `gradient_store` when the host armed it."""
+        pairs = []
+        for gradient, variable in zip(gradients, variables):
+            index = self._index.get(id(variable))
+            if index is not None and gradient is not None:
+                pairs.append((index, gradient))
+
+        def store():
+            for index, gradient in pairs:
+                # An IndexedSlices gradient is densified here, in armed steps only.
+                dense = tf.convert_to_tensor(gradient)
+                self.gradient_store[index].assign(tf.cast(dense, tf.float32))
+            return tf.constant(True)
+
+        tf.cond(self.store_armed, store, lambda: tf.constant(False))
 
     def _apply_update(self, original_apply, optimizer, grads, variables, step_finite):
         """Run the optimizer update; return 1.0 if it was skipped, else 0.0."""

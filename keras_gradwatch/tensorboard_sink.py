@@ -6,19 +6,21 @@ one `log_dir` and their curves show side by side. Every tag starts with
 `gradwatch/`, so none collides with the stock tags (`epoch_loss`,
 `batch_loss`, `<weight.path>/histogram`, ...).
 
-| tag | kind | step | written |
-| --- | --- | --- | --- |
-| `gradwatch/epoch_grad_norm/<layer>` | scalar | epoch | every epoch: median over the epoch's steps of the layer's gradient L2 norm |
-| `gradwatch/epoch_weight_norm/<layer>` | scalar | epoch | every epoch: the layer's weight L2 norm after the epoch's last step |
-| `gradwatch/epoch_update_ratio/<layer>` | scalar | epoch | every epoch: median of the layer's ||delta w|| / ||w|| |
-| `gradwatch/epoch_global_grad_norm` | scalar | epoch | every epoch: median of the global gradient norm |
-| `gradwatch/batch_grad_norm/<layer>` | scalar | global step | with `update_freq="batch"` or an int: that step's value |
-| `gradwatch/batch_weight_norm/<layer>` | scalar | global step | as above |
-| `gradwatch/batch_update_ratio/<layer>` | scalar | global step | as above |
-| `gradwatch/batch_global_grad_norm` | scalar | global step | as above |
-| `gradwatch/gradients/<variable.path>` | histogram | epoch | every `histogram_freq` epochs: the gradient of the epoch's last step |
-| `gradwatch/weights/<variable.path>` | histogram | epoch | every `histogram_freq` epochs: the weights at the end of the epoch |
-| `gradwatch/findings` | text | global step | each new finding, at the step where it was first detected |
+Tags (the full table with units is in docs/tensorboard.md):
+
+- `gradwatch/epoch_{grad_norm,weight_norm,update_ratio}/<layer>`: scalars at
+  step = epoch. Gradient norm and update ratio are medians over the epoch's
+  steps; the weight norm is the value after the epoch's last step.
+- `gradwatch/epoch_global_grad_norm`: median global gradient norm per epoch.
+- `gradwatch/batch_{grad_norm,weight_norm,update_ratio}/<layer>` and
+  `gradwatch/batch_global_grad_norm`: scalars at step = global step, written
+  only with `update_freq="batch"` (every step) or an int N (every N steps).
+- `gradwatch/gradients/<variable.path>`: histogram at step = epoch, every
+  `histogram_freq` epochs, of the gradient of the epoch's last step.
+- `gradwatch/weights/<variable.path>`: histogram at step = epoch, every
+  `histogram_freq` epochs, of the weights at the end of the epoch.
+- `gradwatch/findings`: text, one entry per new finding, at step = the
+  global step where the finding was first detected.
 
 A layer's norm combines its variables as sqrt(sum of squares). Histograms use
 TensorBoard's own `tf.summary.histogram`, which buckets the tensor on the

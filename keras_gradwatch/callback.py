@@ -326,6 +326,7 @@ class GradWatch(keras.callbacks.Callback):
         model = self.model
         _check_model(model)
         self._layout, variables = ModelLayout.from_model(model)
+        _build_optimizer(model, variables)
         self._steps_per_execution = int(getattr(model, "steps_per_execution", 1) or 1)
         capacity = max(self.buffer_steps, 2 * self._steps_per_execution)
         guard = self.policies["nonfinite"] != "warn"
@@ -591,6 +592,21 @@ class GradWatch(keras.callbacks.Callback):
             return
         self.model.set_weights(self._finite_weights)
         logger.warning("GradWatch: restored the weights saved at the end of the last finite epoch")
+
+
+def _build_optimizer(model, variables) -> None:
+    """Create the optimizer's variables now, outside the traced train step.
+
+    Keras otherwise builds the optimizer lazily inside the first traced step,
+    which XLA (`jit_compile=True`) cannot compile once the step is
+    instrumented. Building it early creates the same variables with the same
+    initial values.
+    """
+    optimizer = model.optimizer
+    if optimizer.built:
+        return
+    with model.distribute_strategy.scope():
+        optimizer.build(variables)
 
 
 def _prepare_log_dir(log_dir) -> str:

@@ -17,6 +17,7 @@ during tracing (or during each eager step with `run_eagerly=True`), and
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass
 
 import keras
@@ -75,6 +76,7 @@ class StepInstrument:
         self._sizes = [int(np.prod(v.shape)) for v in self.variables]
         self._original_train_function = None
         self._installed = False
+        self._hooks = _Hooks(self)
         # Python-side facts learned while tracing, for the callback to report.
         self.optimizer_apply_seen = False
         self.loss_seen = False
@@ -138,7 +140,7 @@ class StepInstrument:
 
     def _run_step(self, step_function, data):
         state = _TraceState()
-        with self._hooks(state):
+        with self._hooks.active(state):
             logs = step_function(data)
         self._write_record(state)
         if self.log_grad_norm and state.global_grad_norm is not None and isinstance(logs, dict):
@@ -146,36 +148,9 @@ class StepInstrument:
             logs["grad_norm"] = state.global_grad_norm
         return logs
 
-    @contextlib.contextmanager
-    def _hooks(self, state: _TraceState):
-        model = self.model
-        optimizer = model.optimizer
-        original_compute_loss = model.compute_loss
-        original_apply = optimizer.apply
-
-        def compute_loss(*args, **kwargs):
-            loss = original_compute_loss(*args, **kwargs)
-            state.loss = loss
-            return loss
-
-        def apply(grads, trainable_variables=None):
-            state.apply_calls += 1
-            if trainable_variables is None:
-                trainable_variables = optimizer._trainable_variables
-            return self._instrumented_apply(
-                state, original_apply, optimizer, list(grads), list(trainable_variables)
-            )
-
-        model.compute_loss = compute_loss
-        optimizer.apply = apply
-        try:
-            yield
-        finally:
-            del optimizer.apply
-            del model.compute_loss
-
     def _instrumented_apply(self, state, original_apply, optimizer, grads, variables):
-        unscaled = _unscale(optimizer, grads)
+        state.apply_calls += 1
+        unscaled = _sum_over_replicas(_unscale(optimizer, grads))
         n_grad_stats = 4
         per_variable = [None] * len(self.variables)
         norms = []
@@ -243,7 +218,13 @@ class StepInstrument:
 
     def _apply_update(self, original_apply, optimizer, grads, variables, step_finite):
         """Run the optimizer update; return 1.0 if it was skipped, else 0.0."""
-        if not self.guard_nonfinite:
+        context = tf.distribute.get_replica_context()
+        multi_replica = context is not None and context.num_replicas_in_sync > 1
+        # NOTE: the optimizer synchronises replicas inside `apply` (a merge
+        # call), which a `tf.cond` in replica context cannot contain, so
+        # multi-replica training runs unguarded; the callback then falls back
+        # to its host copy of the last finite weights.
+        if not self.guard_nonfinite or multi_replica:
             original_apply(grads, variables)
             if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
                 # The loss scale optimizer skips updates with non-finite
@@ -279,10 +260,16 @@ class StepInstrument:
             skipped = tf.cast(state.update_skipped, tf.float32)
         if state.loss is not None:
             self.loss_seen = True
-            loss = tf.reduce_mean(tf.cast(state.loss, tf.float32))
+            # Under a distribution strategy each replica's loss is already
+            # divided by the number of replicas, so their sum is the batch loss.
+            (loss,) = _sum_over_replicas([tf.reduce_mean(tf.cast(state.loss, tf.float32))])
         else:
             loss = nan
 
+        if not _is_first_replica():
+            # Every replica computed the same (all-reduced) statistics; the
+            # first one records them.
+            return
         slot = tf.math.floormod(self.steps_written, self.capacity)
         self.variable_buffer[slot].assign(rows)
         self.scalar_buffer[slot].assign(tf.stack([loss, global_grad_norm, skipped]))
@@ -315,10 +302,111 @@ class StepInstrument:
         return int(self.steps_written.numpy())
 
 
+class _Hooks:
+    """Wraps `model.compute_loss` and `optimizer.apply` while steps are traced.
+
+    `tf.distribute.MirroredStrategy` traces the step once per replica, in
+    parallel threads, so the wrappers are installed once for all threads
+    (reference-counted under a lock) and route what they see to the calling
+    thread's own `_TraceState`. A call from a thread with no active state
+    passes straight through.
+    """
+
+    def __init__(self, instrument: StepInstrument):
+        self.instrument = instrument
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def active(self, state: _TraceState):
+        self._local.state = state
+        with self._lock:
+            if self._depth == 0:
+                self._install()
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._depth -= 1
+                if self._depth == 0:
+                    self._remove()
+            self._local.state = None
+
+    def _state(self) -> _TraceState | None:
+        return getattr(self._local, "state", None)
+
+    def _install(self) -> None:
+        model = self.instrument.model
+        optimizer = model.optimizer
+        original_compute_loss = model.compute_loss
+        original_apply = optimizer.apply
+
+        def compute_loss(*args, **kwargs):
+            loss = original_compute_loss(*args, **kwargs)
+            state = self._state()
+            if state is not None:
+                state.loss = loss
+            return loss
+
+        def apply(grads, trainable_variables=None):
+            state = self._state()
+            if state is None:
+                return original_apply(grads, trainable_variables)
+            if trainable_variables is None:
+                trainable_variables = optimizer._trainable_variables
+            return self.instrument._instrumented_apply(
+                state, original_apply, optimizer, list(grads), list(trainable_variables)
+            )
+
+        model.compute_loss = compute_loss
+        optimizer.apply = apply
+
+    def _remove(self) -> None:
+        model = self.instrument.model
+        del model.optimizer.apply
+        del model.compute_loss
+
+
+def _is_first_replica() -> bool:
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return True
+    replica_id = tf.get_static_value(context.replica_id_in_sync_group)
+    if replica_id is None:
+        raise NotImplementedError(
+            "GradWatch supports distribution strategies whose replica id is known "
+            "while the train step is traced, such as MirroredStrategy."
+        )
+    return int(replica_id) == 0
+
+
+def _sum_over_replicas(tensors):
+    """All-reduce (sum) tensors across replicas; unchanged outside a strategy.
+
+    The optimizer receives each replica's own gradients and sums them
+    itself; the statistics must describe that sum, so GradWatch sums too.
+    This costs one extra all-reduce of the gradients per step under a
+    multi-replica strategy.
+    """
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return tensors
+    present = [i for i, t in enumerate(tensors) if t is not None]
+    dense = [tf.convert_to_tensor(tensors[i]) for i in present]
+    reduced = context.all_reduce(tf.distribute.ReduceOp.SUM, dense)
+    out = list(tensors)
+    for i, tensor in zip(present, reduced):
+        out[i] = tensor
+    return out
+
+
 def _unscale(optimizer, grads):
     """Undo the loss scaling that the optimizer applies to the loss."""
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        scale = optimizer.dynamic_scale
+        # The same rule as `LossScaleOptimizer.scale_loss`.
+        scale = optimizer.dynamic_scale if optimizer.built else optimizer.initial_scale
     elif getattr(optimizer, "loss_scale_factor", None):
         scale = optimizer.loss_scale_factor
     else:

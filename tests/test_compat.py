@@ -1,0 +1,143 @@
+"""Training setups beyond a plain fit: XLA, eager, steps_per_execution,
+MirroredStrategy, mixed precision, embeddings, frozen and nested layers."""
+
+import warnings
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import build_mlp
+
+from keras_gradwatch import GradWatch
+
+
+@pytest.fixture
+def data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 4)).astype("float32")
+    y = (x @ np.array([[1.0], [-2.0], [0.5], [0.0]])).astype("float32")
+    return x, y
+
+
+def watched_fit(model, x, y, **fit_kwargs):
+    watch = GradWatch(verbose=0, update_freq="batch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit(
+            x, y, batch_size=16, epochs=2, shuffle=False, callbacks=[watch], verbose=0, **fit_kwargs
+        )
+    return watch
+
+
+def norms(watch):
+    return np.array([r.global_grad_norm for r in watch.recent_steps])
+
+
+@pytest.fixture
+def reference_norms(data):
+    x, y = data
+    return norms(watched_fit(build_mlp(hidden=(8,)), x, y))
+
+
+@pytest.mark.parametrize(
+    "compile_kwargs",
+    [{"jit_compile": True}, {"run_eagerly": True}, {"steps_per_execution": 3}],
+    ids=["xla", "eager", "steps_per_execution"],
+)
+def test_compile_options_record_same_statistics(data, reference_norms, compile_kwargs):
+    x, y = data
+    watch = watched_fit(build_mlp(hidden=(8,), **compile_kwargs), x, y)
+
+    assert [r.step for r in watch.recent_steps] == list(range(8))
+    np.testing.assert_allclose(norms(watch), reference_norms, rtol=1e-5)
+
+
+def test_mirrored_strategy_norms_equal_single_device(data, reference_norms):
+    x, y = data
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        model = build_mlp(hidden=(8,))
+    watch = watched_fit(model, x, y)
+
+    # Each replica sees half of the global batch of 16; the statistics
+    # describe the summed gradient that the optimizer applies.
+    assert [r.step for r in watch.recent_steps] == list(range(8))
+    np.testing.assert_allclose(norms(watch), reference_norms, rtol=1e-5)
+    single = watched_fit(build_mlp(hidden=(8,)), x, y)
+    np.testing.assert_allclose(
+        [r.loss for r in watch.recent_steps], [r.loss for r in single.recent_steps], rtol=1e-5
+    )
+
+
+def test_mixed_precision_reports_unscaled_gradients(data, reference_norms):
+    x, y = data
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = build_mlp(hidden=(8,))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    watch = watched_fit(model, x, y)
+
+    # The loss scale starts at 2**15; scaled norms would be 32768 times larger.
+    np.testing.assert_allclose(norms(watch)[0], reference_norms[0], rtol=1e-2)
+    assert watch.findings == []
+
+
+def test_embedding_norms_equal_dense_gradient():
+    keras.utils.set_random_seed(0)
+    tokens = np.array([[1, 3, 3, 7], [3, 3, 0, 1]], dtype="int32")  # repeated rows
+    targets = np.array([[1.0], [0.0]], dtype="float32")
+    model = keras.Sequential(
+        [
+            keras.Input((4,), dtype="int32"),
+            keras.layers.Embedding(50, 6, name="embed"),
+            keras.layers.GlobalAveragePooling1D(),
+            keras.layers.Dense(1, name="out"),
+        ]
+    )
+    model.compile("sgd", "mse")
+    reference = keras.models.clone_model(model)
+    reference.set_weights(model.get_weights())
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(tf.square(reference(tokens, training=True) - targets))
+    table_gradient = tape.gradient(loss, reference.trainable_variables[0])
+    assert isinstance(table_gradient, tf.IndexedSlices)
+    dense = tf.convert_to_tensor(table_gradient).numpy()
+
+    watch = GradWatch(verbose=0, update_freq="batch")
+    model.fit(tokens, targets, batch_size=2, epochs=1, callbacks=[watch], verbose=0)
+
+    record = watch.recent_steps[0]
+    index = [v.path for v in watch.layout.variables].index(model.trainable_variables[0].path)
+    np.testing.assert_allclose(
+        record.variable("grad_norm")[index], np.linalg.norm(dense), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        record.variable("grad_zero_fraction")[index], np.mean(dense == 0), rtol=1e-6
+    )
+
+
+def test_frozen_nested_and_shared_layers_grouped(data):
+    x, y = data
+    keras.utils.set_random_seed(0)
+    inner = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(4, name="inner_dense")], name="block"
+    )
+    frozen = keras.layers.Dense(4, name="frozen", trainable=False)
+    shared = keras.layers.Dense(4, name="shared")
+    inputs = keras.Input((4,))
+    h = shared(inner(frozen(inputs)))
+    h = shared(keras.layers.BatchNormalization(name="norm")(h))
+    outputs = keras.layers.Dense(1, name="out")(h)
+    model = keras.Model(inputs, outputs)
+    model.compile("adam", "mse")
+    watch = watched_fit(model, x, y)
+
+    layout = watch.layout
+    assert layout.layers == ["inner_dense", "shared", "norm", "out"]
+    paths = [v.path for v in layout.variables]
+    assert len(paths) == len(model.trainable_variables) == 8
+    assert not any("frozen" in p or "moving" in p for p in paths)
+    assert all(np.isfinite(watch.recent_steps[-1].layer("grad_norm")))

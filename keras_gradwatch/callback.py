@@ -100,9 +100,9 @@ class GradWatch(keras.callbacks.Callback):
         histogram_freq: write gradient and weight histograms to TensorBoard
             every this many epochs; 0 (the default) writes none.
         update_freq: how often the host reads the statistics from the device
-            and runs the detectors: `"epoch"` (the default; the host still
-            reads early whenever the device buffer is nearly full),
-            `"batch"`, or an integer number of steps.
+            and runs the detectors: `"epoch"` (the default), `"batch"`, or an
+            integer number of steps. With `"epoch"` the host also reads
+            whenever the device buffer is half full, so no step is lost.
         thresholds: a `Thresholds` instance; defaults to `Thresholds()`.
         on_vanishing, on_exploding, on_nonfinite, on_loss: what to do on a new
             finding of that group: `"warn"` (the default) emits the warning;

@@ -141,3 +141,35 @@ def test_frozen_nested_and_shared_layers_grouped(data):
     assert len(paths) == len(model.trainable_variables) == 8
     assert not any("frozen" in p or "moving" in p for p in paths)
     assert all(np.isfinite(watch.recent_steps[-1].layer("grad_norm")))
+
+
+def test_nonfinite_localised_to_first_bad_layer(data):
+    x, y = data
+    x = x.copy()
+    x[3 * 16 + 5] = 0.0  # an all-zero row in step 3
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(6, use_bias=False, name="first"),
+            # sqrt is finite at 0 but its derivative is not: the zero row makes
+            # the gradient of `first` non-finite while the later layers stay finite.
+            keras.layers.Lambda(lambda t: tf.sqrt(tf.abs(t)), name="sqrt"),
+            keras.layers.Dense(6, name="middle"),
+            keras.layers.Dense(1, name="out"),
+        ]
+    )
+    model.compile("adam", "mse")
+    watch = GradWatch(verbose=0, update_freq="batch", on_nonfinite="stop")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit(x, y, batch_size=16, epochs=2, shuffle=False, callbacks=[watch], verbose=0)
+
+    (finding,) = watch.findings
+    assert finding.kind == "nonfinite"
+    assert finding.step == 3
+    assert finding.layers == ("first",)
+    record = watch.recent_steps[3]
+    assert record.layer("grad_nonfinite")[0] > 0
+    assert np.all(record.layer("grad_nonfinite")[1:] == 0)
+    assert np.isfinite(record.loss)

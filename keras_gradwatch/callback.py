@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 
 import keras
@@ -556,7 +557,7 @@ class GradWatch(keras.callbacks.Callback):
                 continue
             info = F.KINDS[finding.kind]
             self._call_sinks("on_finding", finding)
-            warnings.warn(finding.describe(), info.warning, stacklevel=2)
+            warnings.warn(finding.describe(), info.warning, stacklevel=_caller_stacklevel())
             policy = self.policies[info.group]
             if policy == "warn":
                 continue
@@ -592,6 +593,28 @@ class GradWatch(keras.callbacks.Callback):
             return
         self.model.set_weights(self._finite_weights)
         logger.warning("GradWatch: restored the weights saved at the end of the last finite epoch")
+
+
+_LIBRARY_DIRS = tuple(
+    os.path.dirname(module.__file__) + os.sep for module in (keras, np) if module.__file__
+) + (os.path.dirname(os.path.abspath(__file__)) + os.sep,)
+
+
+def _caller_stacklevel() -> int:
+    """Return the `stacklevel` that points a warning at the user's code.
+
+    Findings are detected deep inside `fit`; the first frame outside Keras,
+    TensorFlow and this package is the line that called `fit`.
+    """
+    import tensorflow as tf
+
+    library_dirs = _LIBRARY_DIRS + (os.path.dirname(tf.__file__) + os.sep,)
+    frame = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_code.co_filename.startswith(library_dirs):
+        frame = frame.f_back
+        level += 1
+    return level
 
 
 def _build_optimizer(model, variables) -> None:

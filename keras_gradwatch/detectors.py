@@ -682,7 +682,7 @@ class LossOscillationDetector(Detector):
                 message=(
                     f"the batch loss changes by {swing:.1%} of its mean ({mean:.4g}) from one "
                     f"batch to the next, and after {self.run_length * t.oscillation_window} "
-                    f"steps it is only {progress:.1%} below its first-window mean "
+                    f"steps it is only {progress:.1%} below its starting level "
                     f"{self.reference:.4g}"
                 ),
                 remedy=REMEDIES["oscillation"],

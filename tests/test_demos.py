@@ -207,6 +207,16 @@ def test_cli_data_from_environment(monkeypatch, capsys, tmp_path):
     assert str(missing) in capsys.readouterr().err
 
 
+def test_cli_output_directory_is_file(data_dir, capsys, tmp_path):
+    occupied = tmp_path / "occupied"
+    occupied.write_text("")
+    status = main(["--data", str(data_dir), "--out", str(occupied)])
+    captured = capsys.readouterr()
+    assert status == 2
+    assert str(occupied) in captured.err
+    assert "--out DIR" in captured.err
+
+
 @pytest.mark.parametrize("arguments", [["5"], ["--epochs", "0"], ["--epochs", "many"]])
 def test_cli_invalid_arguments(arguments, capsys):
     with pytest.raises(SystemExit) as raised:
@@ -242,7 +252,7 @@ def test_run_writes_model_files(demo_run, model):
 @pytest.mark.parametrize("model", [1, 2, 3, 4])
 def test_run_writes_tensorboard_events(demo_run, model):
     _, output_dir = demo_run
-    log_dir = output_dir / f"model_{model}" / "logs"
+    log_dir = output_dir / f"model_{model}" / "train"
     event_files = list(log_dir.rglob("events.out.tfevents.*"))
     assert event_files, f"no TensorBoard event files under {log_dir}"
 

@@ -1,0 +1,5 @@
+"""Entry point of `python -m demos`."""
+
+from demos.cli import main
+
+raise SystemExit(main())

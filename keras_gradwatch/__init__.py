@@ -23,6 +23,7 @@ from keras_gradwatch.errors import (
     VanishingGradientWarning,
 )
 from keras_gradwatch.findings import Finding
+from keras_gradwatch.instrument import record_loss
 
 __version__ = "0.1.0"
 
@@ -43,4 +44,5 @@ __all__ = [
     "VanishingGradientError",
     "VanishingGradientWarning",
     "__version__",
+    "record_loss",
 ]

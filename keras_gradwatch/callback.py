@@ -677,8 +677,9 @@ def _check_model(model):
         warnings.warn(
             f"Model {model.name!r} overrides `train_step`. GradWatch records the "
             "gradients that this step passes to `optimizer.apply` or "
-            "`optimizer.apply_gradients`, and the loss returned by `compute_loss`; "
-            "anything computed another way is not seen.",
+            "`optimizer.apply_gradients`, and the loss returned by `compute_loss` "
+            "or passed to `keras_gradwatch.record_loss(loss)` inside the step. "
+            "Gradients applied another way are not seen.",
             RuntimeWarning,
             stacklevel=3,
         )

@@ -302,6 +302,39 @@ class StepInstrument:
         return int(self.steps_written.numpy())
 
 
+# The trace state of the GradWatch step being traced in this thread, for
+# `record_loss`.
+_ACTIVE = threading.local()
+
+
+def record_loss(loss):
+    """Report the batch loss from a custom `train_step` to GradWatch.
+
+    GradWatch sees the loss through `model.compute_loss`. A `train_step` that
+    computes its loss another way can pass it here, inside the step, so that
+    the loss detectors and the report get it. Outside a step traced by
+    GradWatch this does nothing. Returns `loss` unchanged.
+
+    Example:
+
+    ```python
+    class MyModel(keras.Model):
+        def train_step(self, data):
+            x, y = data
+            with tf.GradientTape() as tape:
+                loss = my_loss(y, self(x, training=True))
+            keras_gradwatch.record_loss(loss)
+            grads = tape.gradient(loss, self.trainable_variables)
+            self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
+            return {"loss": loss}
+    ```
+    """
+    state = getattr(_ACTIVE, "state", None)
+    if state is not None:
+        state.loss = loss
+    return loss
+
+
 class _Hooks:
     """Wraps `model.compute_loss` and `optimizer.apply` while steps are traced.
 
@@ -321,6 +354,7 @@ class _Hooks:
     @contextlib.contextmanager
     def active(self, state: _TraceState):
         self._local.state = state
+        _ACTIVE.state = state
         with self._lock:
             if self._depth == 0:
                 self._install()
@@ -333,6 +367,7 @@ class _Hooks:
                 if self._depth == 0:
                     self._remove()
             self._local.state = None
+            _ACTIVE.state = None
 
     def _state(self) -> _TraceState | None:
         return getattr(self._local, "state", None)

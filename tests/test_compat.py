@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 from conftest import build_mlp
 
+import keras_gradwatch
 from keras_gradwatch import GradWatch
 
 
@@ -173,3 +174,39 @@ def test_nonfinite_localised_to_first_bad_layer(data):
     assert record.layer("grad_nonfinite")[0] > 0
     assert np.all(record.layer("grad_nonfinite")[1:] == 0)
     assert np.isfinite(record.loss)
+
+
+class ManualLossModel(keras.Model):
+    """A custom train step that computes its loss without `compute_loss`."""
+
+    def train_step(self, data):
+        x, y = data
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(self(x, training=True) - y))
+        keras_gradwatch.record_loss(loss)
+        gradients = tape.gradient(loss, self.trainable_variables)
+        self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
+        return {"loss": loss}
+
+
+def test_custom_step_records_gradients_and_loss(data, reference_norms):
+    x, y = data
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4,))
+    hidden = keras.layers.Dense(8, activation="relu", name="hidden_0")(inputs)
+    model = ManualLossModel(inputs, keras.layers.Dense(1, name="out")(hidden))
+    model.compile("adam")
+    model.set_weights(build_mlp(hidden=(8,)).get_weights())
+    watch = watched_fit(model, x, y)
+
+    np.testing.assert_allclose(norms(watch), reference_norms, rtol=1e-5)
+    single = watched_fit(build_mlp(hidden=(8,)), x, y)
+    np.testing.assert_allclose(
+        [r.loss for r in watch.recent_steps], [r.loss for r in single.recent_steps], rtol=1e-5
+    )
+    assert watch.report()["steps"] == 8
+
+
+def test_record_loss_outside_step_is_noop():
+    loss = tf.constant(1.5)
+    assert keras_gradwatch.record_loss(loss) is loss

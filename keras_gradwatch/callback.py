@@ -263,7 +263,9 @@ class GradWatch(keras.callbacks.Callback):
 
         Keys: `version`, `steps`, `epochs_completed`, `lost_steps` (steps
         overwritten in the device buffer before the host read them),
-        `skipped_updates`, `loss_scale_skips`, `thresholds`, `policies`,
+        `skipped_updates`, `loss_scale_skips`, `clipping` (the optimizer's
+        `clipnorm`, `global_clipnorm` or `clipvalue` setting and the number of
+        steps whose raw gradients it clipped, or None), `thresholds`, `policies`,
         `layers` (name, depth, variables with path and shape), `epochs`
         (per-epoch loss mean and per-layer gradient, weight and update-ratio
         aggregates) and `findings` (most severe first, see `Finding.to_dict`).
@@ -313,6 +315,13 @@ class GradWatch(keras.callbacks.Callback):
             "lost_steps": self._lost_steps,
             "skipped_updates": int(sum(s.skipped_updates for s in self._summaries)),
             "loss_scale_skips": self._loss_scale_skips(),
+            "clipping": None
+            if self._clipping is None
+            else {
+                "mode": self._clipping[0],
+                "value": self._clipping[1],
+                "clipped_steps": self._clipped_steps,
+            },
             "thresholds": {k: v for k, v in vars(self.thresholds).items()},
             "policies": dict(self.policies),
             "layers": layers,
@@ -341,6 +350,7 @@ class GradWatch(keras.callbacks.Callback):
         )
         self._instrument.install()
         loss_scaling = isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+        self._clipping = _clipping_setting(model.optimizer)
         self._detectors = []
         for detector_class in detectors_lib.DEFAULT_DETECTORS:
             if detector_class is detectors_lib.NonFiniteDetector:
@@ -479,6 +489,8 @@ class GradWatch(keras.callbacks.Callback):
         self._steps_per_execution = 1
         self._sinks = []
         self._store_armed = False
+        self._clipping = None
+        self._clipped_steps = 0
 
     def _uninstall(self):
         if self._instrument is not None:
@@ -546,6 +558,8 @@ class GradWatch(keras.callbacks.Callback):
                 self._aggregator = EpochAggregator(self._epoch)
             self._aggregator.add(record)
             self._window.append(record)
+            if self._clipping is not None and _clipping_acts(self._clipping, record):
+                self._clipped_steps += 1
             self._call_sinks("on_step", record)
             for detector in self._detectors:
                 self._handle(detector.on_step(record))
@@ -615,6 +629,33 @@ def _caller_stacklevel() -> int:
         frame = frame.f_back
         level += 1
     return level
+
+
+def _clipping_setting(optimizer) -> tuple[str, float] | None:
+    """Return the optimizer's gradient clipping as (mode, value), or None."""
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        optimizer = optimizer.inner_optimizer
+    for mode in ("clipnorm", "global_clipnorm", "clipvalue"):
+        value = getattr(optimizer, mode, None)
+        if value:
+            return mode, float(value)
+    return None
+
+
+def _clipping_acts(clipping: tuple[str, float], record) -> bool:
+    """Return True if the optimizer's clipping changes this step's raw gradients.
+
+    The statistics are of the raw gradients, before the optimizer clips them,
+    so whether clipping acted follows from them: a variable norm above
+    `clipnorm`, the global norm above `global_clipnorm`, or an entry above
+    `clipvalue`.
+    """
+    mode, value = clipping
+    if mode == "clipnorm":
+        return bool(np.nanmax(record.variable("grad_norm"), initial=0.0) > value)
+    if mode == "global_clipnorm":
+        return record.global_grad_norm > value
+    return bool(np.nanmax(record.variable("grad_max"), initial=0.0) > value)
 
 
 def _build_optimizer(model, variables) -> None:

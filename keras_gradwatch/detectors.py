@@ -88,9 +88,9 @@ class Thresholds:
             before the layer is reported as dead. Defaults to `20`. An exact
             zero is never noise: every unit of the layer is saturated or
             inactive on every sample.
-        min_update_ratio: report tiny updates when the epoch median of
-            ||delta w|| / ||w|| of a layer with a nonzero gradient is below
-            this. Defaults to `1e-7`, far below the 1e-4 to 1e-2 of a layer
+        min_update_ratio: report tiny updates when the largest
+            ||delta w|| / ||w|| of an epoch, for a layer with a nonzero
+            gradient, is below this. Defaults to `1e-7`, far below the 1e-4 to 1e-2 of a layer
             that learns, and near the float32 rounding of the weights.
         spike_factor: report an exploding spike when the global gradient norm
             exceeds this multiple of the median of the last `spike_window`
@@ -436,9 +436,12 @@ class SmallUpdateDetector(Detector):
     name = "small_update"
 
     def on_epoch(self, summary):
-        median = summary.layers[1]
-        ratio = median[:, _layer_col("update_ratio")]
-        grad = median[:, _layer_col("grad_norm")]
+        # The epoch maximum, not the median: with gradient accumulation the
+        # optimizer updates the weights only every N steps, so most steps
+        # have a zero update by design.
+        largest = summary.layers[2]
+        ratio = largest[:, _layer_col("update_ratio")]
+        grad = largest[:, _layer_col("grad_norm")]
         found = []
         for i, value in enumerate(ratio):
             if not (np.isfinite(value) and grad[i] > 0):

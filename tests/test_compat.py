@@ -210,3 +210,96 @@ def test_custom_step_records_gradients_and_loss(data, reference_norms):
 def test_record_loss_outside_step_is_noop():
     loss = tf.constant(1.5)
     assert keras_gradwatch.record_loss(loss) is loss
+
+
+@pytest.mark.parametrize(
+    "option, value, acts",
+    [
+        ("clipnorm", 1.0, lambda r, v: np.nanmax(r.variable("grad_norm")) > v),
+        ("global_clipnorm", 2.0, lambda r, v: r.global_grad_norm > v),
+        ("clipvalue", 0.5, lambda r, v: np.nanmax(r.variable("grad_max")) > v),
+    ],
+)
+def test_clipping_reports_raw_norms_and_count(data, reference_norms, option, value, acts):
+    x, y = data
+    model = build_mlp(hidden=(8,), optimizer=keras.optimizers.Adam(**{option: value}))
+    watch = watched_fit(model, x, y)
+
+    # Clipping happens inside the optimizer, after GradWatch has seen the
+    # gradients, so the first step's raw norm equals the unclipped run's.
+    np.testing.assert_allclose(norms(watch)[0], reference_norms[0], rtol=1e-5)
+    clipping = watch.report()["clipping"]
+    assert clipping["mode"] == option
+    assert clipping["value"] == value
+    expected = sum(bool(acts(r, value)) for r in watch.recent_steps)
+    assert expected > 0
+    assert clipping["clipped_steps"] == expected
+
+
+def test_gradient_accumulation_is_not_small_update(data):
+    x, y = data
+    optimizer = keras.optimizers.Adam(gradient_accumulation_steps=2)
+    model = build_mlp(hidden=(8,), optimizer=optimizer)
+    watch = watched_fit(model, x, y)
+
+    updates = [float(r.variable("update_norm")[0]) for r in watch.recent_steps]
+    # The weights move on every second step only.
+    assert [u > 0 for u in updates] == [False, True] * 4
+    assert watch.findings == []
+
+
+def test_sample_weight_statistics_equal_tape(data):
+    x, y = data
+    weights = np.linspace(0.1, 2.0, len(x)).astype("float32")
+    model = build_mlp(hidden=(8,))
+    reference = build_mlp(hidden=(8,), seed=9)
+    reference.set_weights(model.get_weights())
+    with tf.GradientTape() as tape:
+        errors = tf.reduce_mean(tf.square(reference(x[:16], training=True) - y[:16]), axis=-1)
+        loss = tf.reduce_mean(errors * weights[:16])
+    expected = tape.gradient(loss, reference.trainable_variables)
+
+    watch = GradWatch(verbose=0, update_freq="batch")
+    model.fit(
+        x,
+        y,
+        sample_weight=weights,
+        batch_size=16,
+        epochs=1,
+        shuffle=False,
+        callbacks=[watch],
+        verbose=0,
+    )
+
+    record = watch.recent_steps[0]
+    np.testing.assert_allclose(record.loss, float(loss), rtol=1e-5)
+    for i, gradient in enumerate(expected):
+        np.testing.assert_allclose(
+            record.variable("grad_norm")[i], np.linalg.norm(gradient), rtol=1e-5
+        )
+
+
+def test_dataset_partial_last_batch(data):
+    x, y = data
+    x, y = np.concatenate([x, x[:6]]), np.concatenate([y, y[:6]])  # 70 rows: 4 x 16 + 6
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    model = build_mlp(hidden=(8,))
+    snapshots = []
+
+    class Snapshot(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            snapshots.append(self.model.get_weights())
+
+    watch = GradWatch(verbose=0, update_freq="batch")
+    model.fit(dataset, epochs=1, callbacks=[Snapshot(), watch], verbose=0)
+
+    assert [r.step for r in watch.recent_steps] == [0, 1, 2, 3, 4]
+    reference = build_mlp(hidden=(8,), seed=9)
+    reference.set_weights(snapshots[4])
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(tf.square(reference(x[64:], training=True) - y[64:]))
+    expected = np.sqrt(
+        sum(np.sum(g.numpy() ** 2) for g in tape.gradient(loss, reference.trainable_variables))
+    )
+    np.testing.assert_allclose(watch.recent_steps[4].global_grad_norm, expected, rtol=1e-5)
+    np.testing.assert_allclose(watch.recent_steps[4].loss, float(loss), rtol=1e-5)

@@ -45,6 +45,9 @@ REPORT_FILE = "report.json"
 # version of `GradWatch.report()` in its own `version` field.
 RECORD_VERSION = 1
 SUPPORTED_REPORT_VERSION = 1
+# Fields of `GradWatch.report()` that the run_end line leaves out, because the
+# run_start and epoch lines already contain them.
+RUN_END_OMITS = ("version", "thresholds", "policies", "layers", "epochs")
 
 # Names accepted where finding kinds are selected: every kind, every policy
 # group (all kinds of that group), "any" (all kinds) and "none" (no kind).
@@ -177,17 +180,13 @@ class RunRecordSink(Sink):
         # before `on_epoch`, so that epoch's line is written here.
         self._write_new_epochs(report)
         model = getattr(watch, "model", None)
+        totals = {key: value for key, value in report.items() if key not in RUN_END_OMITS}
         self._write(
             {
                 "type": "run_end",
                 "time": time.time(),
-                "steps": report["steps"],
-                "epochs_completed": report["epochs_completed"],
-                "lost_steps": report["lost_steps"],
-                "skipped_updates": report["skipped_updates"],
-                "loss_scale_skips": report["loss_scale_skips"],
                 "stop_training": bool(getattr(model, "stop_training", False)),
-                "findings": report["findings"],
+                **totals,
             }
         )
         self._sync()
@@ -295,7 +294,7 @@ class EpochStats:
     time: float | None = None
 
     def value(self, layer: str, stat: str) -> float:
-        """Return `layers[layer][stat]`, or NaN if the record lacks it."""
+        """Return `layers[layer][stat]`, or NaN when the epoch has no such value."""
         return self.layers.get(layer, {}).get(stat, math.nan)
 
 

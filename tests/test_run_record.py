@@ -15,6 +15,7 @@ from keras_gradwatch import GradWatch, Thresholds
 from keras_gradwatch.run_record import (
     RECORD_FILE,
     REPORT_FILE,
+    RUN_END_OMITS,
     RecordError,
     load_run,
     select_kinds,
@@ -114,8 +115,11 @@ def test_record_follows_training(tmp_path, regression_data):
         "weight_norm_last",
         "update_ratio_median",
     }
-    assert lines[-1]["steps"] == 12
-    assert lines[-1]["stop_training"] is False
+    end = lines[-1]
+    assert end["steps"] == 12
+    assert end["stop_training"] is False
+    report_totals = set(watch.report()) - set(RUN_END_OMITS)
+    assert set(end) == {"type", "time", "stop_training"} | report_totals
 
     # Each epoch's line and report are on disk when the next callback runs.
     assert probe.epoch_lines == [1, 2, 3]

@@ -26,3 +26,9 @@ lint: $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo-output
+
+# make bench   times GradWatch against plain fit, TensorBoard and a naive
+#              callback (about 25 minutes on two cores; see docs/benchmarks.md)
+.PHONY: bench
+bench: $(VENV)/.installed
+	$(PY) bench/run.py $(ARGS)

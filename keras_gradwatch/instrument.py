@@ -32,7 +32,7 @@ class _TraceState:
     """Tensors seen by the hooks while one train step is traced."""
 
     loss: tf.Tensor | None = None
-    variable_stats: list[tf.Tensor] | None = None
+    variable_stats: tf.Tensor | None = None
     global_grad_norm: tf.Tensor | None = None
     update_skipped: tf.Tensor | None = None
     apply_calls: int = 0
@@ -151,51 +151,79 @@ class StepInstrument:
     def _instrumented_apply(self, state, original_apply, optimizer, grads, variables):
         state.apply_calls += 1
         unscaled = _sum_over_replicas(_unscale(optimizer, grads))
-        n_grad_stats = 4
-        per_variable = [None] * len(self.variables)
-        norms = []
-        finite_checks = []
+        gradients = {}
         for gradient, variable in zip(unscaled, variables):
             index = self._index.get(id(variable))
-            if index is None or gradient is None:
-                continue
-            grad_stats = stats_lib.gradient_stats(gradient, self._sizes[index])
-            per_variable[index] = grad_stats
-            norms.append(grad_stats[0])
-            finite_checks.append(tf.equal(grad_stats[2], 0.0))
+            if index is not None and gradient is not None:
+                gradients[index] = gradient
+        fused = [
+            i
+            for i in sorted(gradients)
+            if not isinstance(gradients[i], tf.IndexedSlices) and 0 < self._sizes[i] <= FUSE_LIMIT
+        ]
+        separate = [i for i in sorted(gradients) if i not in set(fused)]
+        without = [i for i in range(len(self.variables)) if i not in gradients]
+        fused_sizes = [self._sizes[i] for i in fused]
 
         if self.gradient_store is not None:
             self._store_gradients(unscaled, variables)
 
-        all_finite = tf.reduce_all(tf.stack(finite_checks)) if finite_checks else tf.constant(True)
+        # Gradient statistics: the small variables in one flat vector with one
+        # segment per variable, which keeps the op count low for models with
+        # many small layers; large and sparse gradients one by one.
+        grad_rows = []
+        if fused:
+            flat = tf.concat([_flat(gradients[i]) for i in fused], axis=0)
+            grad_rows.append(stats_lib.segment_gradient_stats(flat, fused_sizes))
+        for i in separate:
+            grad_rows.append(tf.stack(stats_lib.gradient_stats(gradients[i], self._sizes[i]))[None])
+        grad_table = tf.concat(grad_rows, axis=0) if grad_rows else tf.zeros([0, 4])
+
+        all_finite = tf.equal(tf.reduce_sum(grad_table[:, 2]), 0.0)
         if state.loss is not None:
             loss_finite = tf.reduce_all(tf.math.is_finite(tf.cast(state.loss, tf.float32)))
             step_finite = tf.logical_and(all_finite, loss_finite)
         else:
             step_finite = all_finite
 
-        before = {
-            i: tf.identity(self.variables[i].value)
-            for i in range(len(self.variables))
-            if per_variable[i] is not None
-        }
-        with tf.control_dependencies(list(before.values())):
+        # Weights before the update: one copy of the small ones, and a read of
+        # each large one (TensorFlow copies it when the update writes in place).
+        reads = [tf.identity(self.variables[i].value) for i in separate]
+        if fused:
+            fused_before = tf.concat([_flat(self.variables[i].value) for i in fused], axis=0)
+            reads.append(fused_before)
+        with tf.control_dependencies(reads):
             skipped = self._apply_update(original_apply, optimizer, grads, variables, step_finite)
 
         with tf.control_dependencies([skipped]):
-            rows = []
-            for i, variable in enumerate(self.variables):
-                after = tf.identity(variable.value)
-                weight_norm = stats_lib.l2_norm(after)
-                if per_variable[i] is None:
-                    nan = tf.constant(float("nan"))
-                    rows.append(tf.stack([nan] * n_grad_stats + [weight_norm, nan, 0.0]))
-                    continue
-                update_norm = stats_lib.l2_norm(after - before[i])
-                rows.append(tf.stack(per_variable[i] + [weight_norm, update_norm, 1.0]))
+            weight_rows = []
+            if fused:
+                fused_after = tf.concat([_flat(self.variables[i].value) for i in fused], axis=0)
+                columns = tf.stack([fused_after, fused_after - fused_before], axis=1)
+                weight_rows.append(stats_lib.segment_norms(columns, fused_sizes))
+            for i, before in zip(separate, reads):
+                after = tf.identity(self.variables[i].value)
+                pair = [stats_lib.l2_norm(after), stats_lib.l2_norm(after - before)]
+                weight_rows.append(tf.stack(pair)[None])
+            weight_table = tf.concat(weight_rows, axis=0) if weight_rows else tf.zeros([0, 2])
+            with_gradient = tf.concat(
+                [grad_table, weight_table, tf.ones([len(fused) + len(separate), 1])], axis=1
+            )
+            nan = tf.constant(float("nan"))
+            without_rows = [
+                tf.stack([nan, nan, nan, nan, stats_lib.l2_norm(self.variables[i].value), nan, 0.0])
+                for i in without
+            ]
+            table = with_gradient
+            if without_rows:
+                table = tf.concat([with_gradient, tf.stack(without_rows)], axis=0)
+            # The rows are in the order fused, separate, without; put them
+            # back in the order of `self.variables`.
+            position = np.argsort(np.array(fused + separate + without, dtype=np.int64))
+            table = tf.gather(table, tf.constant(position, tf.int32))
 
-        state.variable_stats = rows
-        state.global_grad_norm = stats_lib.global_norm(norms)
+        state.variable_stats = table
+        state.global_grad_norm = tf.norm(grad_table[:, 0])
         state.update_skipped = skipped
         self.optimizer_apply_seen = True
 
@@ -253,9 +281,7 @@ class StepInstrument:
             global_grad_norm = nan
             skipped = tf.constant(0.0)
         else:
-            rows = (
-                tf.stack(state.variable_stats) if state.variable_stats else tf.zeros([0, n_stats])
-            )
+            rows = state.variable_stats
             global_grad_norm = state.global_grad_norm
             skipped = tf.cast(state.update_skipped, tf.float32)
         if state.loss is not None:
@@ -333,6 +359,15 @@ def record_loss(loss):
     if state is not None:
         state.loss = loss
     return loss
+
+
+# Variables with at most this many entries have their statistics computed
+# together, in one flat vector; larger ones one by one, without the copy.
+FUSE_LIMIT = 1 << 16
+
+
+def _flat(tensor) -> tf.Tensor:
+    return tf.reshape(tf.cast(tensor, tf.float32), [-1])
 
 
 class _Hooks:

@@ -13,7 +13,7 @@ import tensorflow as tf
 # the column names of `GradWatch.to_dataframe()` and the keys of the report.
 VARIABLE_STATS = (
     "grad_norm",  # L2 norm of the gradient.
-    "grad_max",  # max |g|.
+    "grad_max",  # max |g|; with NaN entries, NaN or the max of the others.
     "grad_nonfinite",  # count of NaN or Inf gradient entries.
     "grad_zero_fraction",  # fraction of gradient entries that are exactly 0.
     "weight_norm",  # L2 norm of the variable after the update.
@@ -75,3 +75,37 @@ def global_norm(norms: list[tf.Tensor]) -> tf.Tensor:
     if not norms:
         return tf.constant(0.0, tf.float32)
     return tf.sqrt(tf.add_n([tf.square(n) for n in norms]))
+
+
+# The unsorted segment ops, unlike the sorted ones, have XLA kernels, so the
+# same code runs under `jit_compile=True`.
+def _segment_ids(sizes: list[int]) -> tf.Tensor:
+    ids = [i for i, size in enumerate(sizes) for _ in range(size)]
+    return tf.constant(ids, tf.int32)
+
+
+def segment_gradient_stats(flat: tf.Tensor, sizes: list[int]) -> tf.Tensor:
+    """Return the four gradient statistics of several dense gradients at once.
+
+    `flat` is the concatenation of the flattened gradients, `sizes` their
+    sizes in order. Returns a `(len(sizes), 4)` tensor with the columns of
+    `dense_gradient_stats`: L2 norm, max |g|, non-finite count, zero fraction.
+    """
+    ids = _segment_ids(sizes)
+    n = len(sizes)
+    count = tf.constant(sizes, tf.float32)
+    norm = tf.sqrt(tf.math.unsorted_segment_sum(tf.square(flat), ids, n))
+    max_abs = tf.math.unsorted_segment_max(tf.abs(flat), ids, n)
+    finite = tf.math.is_finite(flat)
+    nonfinite = tf.math.unsorted_segment_sum(tf.cast(tf.logical_not(finite), tf.float32), ids, n)
+    zeros = tf.math.unsorted_segment_sum(tf.cast(tf.equal(flat, 0.0), tf.float32), ids, n)
+    return tf.stack([norm, max_abs, nonfinite, zeros / count], axis=1)
+
+
+def segment_norms(columns: tf.Tensor, sizes: list[int]) -> tf.Tensor:
+    """Return per-segment L2 norms of each column of a `(total, k)` tensor.
+
+    The result has shape `(len(sizes), k)`.
+    """
+    sums = tf.math.unsorted_segment_sum(tf.square(columns), _segment_ids(sizes), len(sizes))
+    return tf.sqrt(sums)

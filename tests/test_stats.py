@@ -55,3 +55,29 @@ def test_l2_norm_of_any_shape():
     np.testing.assert_allclose(
         float(stats.l2_norm(tf.constant(tensor))), np.linalg.norm(tensor.ravel()), rtol=1e-6
     )
+
+
+def test_segment_stats_equal_per_gradient_stats():
+    rng = np.random.default_rng(0)
+    gradients = [
+        rng.normal(size=(3, 4)).astype(np.float32),
+        np.array([0.0, 0.0, 2.0], dtype=np.float32),
+        np.array([[np.nan, 1.0], [np.inf, 0.0]], dtype=np.float32),
+    ]
+    flat = tf.constant(np.concatenate([g.ravel() for g in gradients]))
+    table = stats.segment_gradient_stats(flat, [g.size for g in gradients]).numpy()
+
+    for row, gradient in zip(table, gradients):
+        expected = [float(t) for t in stats.dense_gradient_stats(tf.constant(gradient))]
+        np.testing.assert_allclose(row[[0, 2, 3]], np.array(expected)[[0, 2, 3]], rtol=1e-6)
+        if np.isfinite(gradient).all():
+            np.testing.assert_allclose(row[1], expected[1], rtol=1e-6)
+    # With NaN entries, max |g| is taken over the other entries (here inf).
+    assert table[2, 1] == np.inf
+
+
+def test_segment_norms_match_numpy():
+    columns = np.arange(12, dtype=np.float32).reshape(6, 2)
+    norms = stats.segment_norms(tf.constant(columns), [2, 4]).numpy()
+    np.testing.assert_allclose(norms[0], np.linalg.norm(columns[:2], axis=0), rtol=1e-6)
+    np.testing.assert_allclose(norms[1], np.linalg.norm(columns[2:], axis=0), rtol=1e-6)

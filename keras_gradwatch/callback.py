@@ -191,6 +191,7 @@ class GradWatch(keras.callbacks.Callback):
                 f"Received: buffer_steps={buffer_steps!r}"
             )
         self.buffer_steps = int(buffer_steps)
+        self._cached_instrument = None
         self._reset_run_state()
 
     # -- public results ---------------------------------------------------
@@ -340,15 +341,34 @@ class GradWatch(keras.callbacks.Callback):
         self._steps_per_execution = int(getattr(model, "steps_per_execution", 1) or 1)
         capacity = max(self.buffer_steps, 2 * self._steps_per_execution)
         guard = self.policies["nonfinite"] != "warn"
-        self._instrument = StepInstrument(
-            model,
-            variables,
+        store = self.log_dir is not None and self.histogram_freq > 0
+        # Reuse the instrumented (already traced) train function when nothing
+        # that it captured has changed since the last `fit`, so that repeated
+        # `fit` calls do not pay for tracing again.
+        key = (
+            id(model),
+            id(model.optimizer),
+            tuple(id(v) for v in variables),
             capacity,
-            guard_nonfinite=guard,
-            log_grad_norm=self.log_grad_norm,
-            store_gradients=self.log_dir is not None and self.histogram_freq > 0,
+            guard,
+            store,
+            self.log_grad_norm,
         )
-        self._instrument.install()
+        cached = self._cached_instrument
+        if cached is not None and cached[0] == key and cached[1].can_reinstall():
+            self._instrument = cached[1]
+            self._instrument.reinstall()
+        else:
+            self._instrument = StepInstrument(
+                model,
+                variables,
+                capacity,
+                guard_nonfinite=guard,
+                log_grad_norm=self.log_grad_norm,
+                store_gradients=store,
+            )
+            self._instrument.install()
+            self._cached_instrument = (key, self._instrument)
         loss_scaling = isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
         self._clipping = _clipping_setting(model.optimizer)
         self._detectors = []
@@ -581,6 +601,7 @@ class GradWatch(keras.callbacks.Callback):
             if policy == "raise":
                 self._uninstall()
                 self._instrument = None
+                self._cached_instrument = None
                 raise info.error(finding)
 
     def _snapshot_finite_weights(self):

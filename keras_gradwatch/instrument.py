@@ -75,6 +75,7 @@ class StepInstrument:
         self._index = {id(v): i for i, v in enumerate(self.variables)}
         self._sizes = [int(np.prod(v.shape)) for v in self.variables]
         self._original_train_function = None
+        self._instrumented_function = None
         self._installed = False
         self._hooks = _Hooks(self)
         # Python-side facts learned while tracing, for the callback to report.
@@ -128,6 +129,28 @@ class StepInstrument:
             model.make_train_function(force=True)
         finally:
             del model.train_step
+        self._instrumented_function = model.train_function
+        self._installed = True
+
+    def can_reinstall(self) -> bool:
+        """Return True if the stock train function is still the one replaced last.
+
+        Keras rebuilds `model.train_function` after `compile()`; then the
+        instrumented function, traced against the old one, must not be reused.
+        """
+        return (
+            not self._installed
+            and self._instrumented_function is not None
+            and self.model.train_function is self._original_train_function
+        )
+
+    def reinstall(self) -> None:
+        """Install the already traced function again, with emptied buffers."""
+        self.steps_written.assign(0)
+        self.finite_so_far.assign(True)
+        if self.store_armed is not None:
+            self.store_armed.assign(False)
+        self.model.train_function = self._instrumented_function
         self._installed = True
 
     def uninstall(self) -> None:

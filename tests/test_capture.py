@@ -181,3 +181,23 @@ def test_disconnected_variable_reported_without_gradient(regression_data):
     assert np.isnan(record.variables[unused_index, _column("grad_norm")])
     assert record.has_gradient[used_index]
     assert record.variables[used_index, _column("grad_norm")] > 0
+
+
+def test_repeated_fit_reuses_traced_step(regression_data):
+    x, y = regression_data
+    model = build_mlp()
+    watch = GradWatch(verbose=0, update_freq="batch")
+    model.fit(x, y, batch_size=16, epochs=1, callbacks=[watch], verbose=0)
+    first = watch._instrument
+
+    model.fit(x, y, batch_size=16, epochs=1, callbacks=[watch], verbose=0)
+
+    assert watch._instrument is first
+    assert [r.step for r in watch.recent_steps] == [0, 1, 2, 3]
+    assert watch.epochs[0].first_step == 0
+
+    model.compile(optimizer="sgd", loss="mse")
+    model.fit(x, y, batch_size=16, epochs=1, callbacks=[watch], verbose=0)
+
+    assert watch._instrument is not first
+    assert [r.step for r in watch.recent_steps] == [0, 1, 2, 3]

@@ -303,3 +303,31 @@ def test_dataset_partial_last_batch(data):
     )
     np.testing.assert_allclose(watch.recent_steps[4].global_grad_norm, expected, rtol=1e-5)
     np.testing.assert_allclose(watch.recent_steps[4].loss, float(loss), rtol=1e-5)
+
+
+def test_two_outputs_total_loss_and_norms(data):
+    x, y = data
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4,))
+    hidden = keras.layers.Dense(8, activation="relu", name="hidden")(inputs)
+    first = keras.layers.Dense(1, name="first")(hidden)
+    second = keras.layers.Dense(1, name="second")(hidden)
+    model = keras.Model(inputs, [first, second])
+    model.compile("adam", loss=["mse", "mse"], loss_weights=[1.0, 0.5])
+    reference = keras.models.clone_model(model)
+    reference.set_weights(model.get_weights())
+    with tf.GradientTape() as tape:
+        out_first, out_second = reference(x[:16], training=True)
+        loss = tf.reduce_mean(tf.square(out_first - y[:16])) + 0.5 * tf.reduce_mean(
+            tf.square(out_second - 2 * y[:16])
+        )
+    gradients = tape.gradient(loss, reference.trainable_variables)
+    expected = np.sqrt(sum(np.sum(g.numpy() ** 2) for g in gradients))
+
+    watch = GradWatch(verbose=0, update_freq="batch")
+    model.fit(x, (y, 2 * y), batch_size=16, epochs=1, shuffle=False, callbacks=[watch], verbose=0)
+
+    record = watch.recent_steps[0]
+    np.testing.assert_allclose(record.loss, float(loss), rtol=1e-5)
+    np.testing.assert_allclose(record.global_grad_norm, expected, rtol=1e-5)
+    assert watch.layout.layers == ["hidden", "first", "second"]

@@ -219,9 +219,21 @@ class Detector:
     def on_epoch(self, summary: EpochSummary) -> list[F.Finding]:
         return []
 
-    def finding(self, kind, layers, record_or_step, epoch, value, threshold, message, **extra):
+    def finding(
+        self,
+        kind,
+        layers,
+        record_or_step,
+        epoch,
+        value,
+        threshold,
+        message,
+        detected_at=None,
+        **extra,
+    ):
         step = record_or_step.step if isinstance(record_or_step, StepRecord) else record_or_step
         return F.Finding(
+            last_step=step if detected_at is None else int(detected_at),
             kind=kind,
             layers=tuple(layers),
             step=int(step),
@@ -346,6 +358,7 @@ class DeadLayerDetector(Detector):
                         f"the gradient of layer {layer!r} has been exactly zero for {length} "
                         f"consecutive steps, so its weights no longer change: its units are "
                         f"saturated or inactive on every sample",
+                        detected_at=record.step,
                     )
                 )
         return found
@@ -382,6 +395,7 @@ class DepthProfileDetector(Detector):
             if record.step - self.decay_since[0] + 1 >= t.patience_steps:
                 found.append(
                     self._make(
+                        record,
                         F.VANISHING,
                         "depth_decay",
                         layers,
@@ -400,6 +414,7 @@ class DepthProfileDetector(Detector):
             if record.step - self.growth_since[0] + 1 >= t.patience_steps:
                 found.append(
                     self._make(
+                        record,
                         F.EXPLODING,
                         "depth_growth",
                         layers,
@@ -414,12 +429,13 @@ class DepthProfileDetector(Detector):
             self.growth_since = None
         return found
 
-    def _make(self, kind, remedy_name, layers, ratio, threshold, message):
+    def _make(self, record, kind, remedy_name, layers, ratio, threshold, message):
         since = self.decay_since if kind == F.VANISHING else self.growth_since
         finding = F.Finding(
             kind=kind,
             layers=tuple(layers),
             step=since[0],
+            last_step=record.step,
             epoch=since[1],
             value=float(ratio),
             threshold=float(threshold),
@@ -679,6 +695,7 @@ class LossOscillationDetector(Detector):
                 kind=F.LOSS_OSCILLATION,
                 layers=(),
                 step=self.run_start[0],
+                last_step=record.step,
                 epoch=self.run_start[1],
                 value=swing,
                 threshold=t.oscillation_swing,

@@ -55,7 +55,8 @@ class Finding:
         kind: one of the finding kinds, e.g. `"vanishing_gradient"`.
         layers: names of the layers concerned, input side first.
         step: global training step (0-based, counted over the `fit` call)
-            where the condition was first detected.
+            where the condition started; for a sustained condition that is
+            the first step of the run of steps that triggered the finding.
         epoch: epoch (0-based) of `step`.
         value: the observed value that crossed the threshold, first time.
         threshold: the threshold it crossed.
@@ -63,7 +64,7 @@ class Finding:
         remedy: what usually fixes this condition.
         detector: name of the check that produced it (e.g. `"depth_decay"`).
         count: how many times the condition was detected.
-        last_step: the last step where it was detected.
+        last_step: the step of the latest detection.
         last_value: the observed value at `last_step`.
     """
 
@@ -160,7 +161,7 @@ class FindingLog:
             self._findings[finding.key] = finding
             return True
         existing.count += 1
-        existing.last_step = finding.step
+        existing.last_step = finding.last_step
         existing.last_value = finding.value
         return False
 

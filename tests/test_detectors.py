@@ -91,6 +91,7 @@ def test_dead_layer_after_dead_steps(layout):
     found = run_steps(detector, records)
 
     assert [f.step for f in found] == [0, 0, 0]
+    assert [f.last_step for f in found] == [9, 10, 11]
     assert [f.value for f in found] == [10, 11, 12]
     assert all(f.layers == ("layer_0",) and f.kind == F.DEAD_LAYER for f in found)
 
@@ -259,3 +260,17 @@ def test_weight_growth_within_epoch(layout):
 def test_invalid_thresholds_rejected(name, value):
     with pytest.raises(ValueError, match=name):
         Thresholds(**{name: value})
+
+
+def test_finding_log_tracks_latest_detection(layout):
+    detector = D.DeadLayerDetector(Thresholds(dead_steps=3), layout)
+    log = F.FindingLog()
+    for step in range(8):
+        for finding in detector.on_step(make_record(layout, step, [0.0, 0.1, 0.2, 0.3])):
+            log.add(finding)
+
+    (finding,) = log.sorted()
+    assert finding.step == 0
+    assert finding.count == 6
+    assert finding.last_step == 7
+    assert finding.last_value == 8

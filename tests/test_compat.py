@@ -331,3 +331,37 @@ def test_two_outputs_total_loss_and_norms(data):
     np.testing.assert_allclose(record.loss, float(loss), rtol=1e-5)
     np.testing.assert_allclose(record.global_grad_norm, expected, rtol=1e-5)
     assert watch.layout.layers == ["hidden", "first", "second"]
+
+
+def test_loss_scale_overflow_counted_not_reported(data):
+    x, y = data
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential(
+            [
+                keras.Input((4,)),
+                keras.layers.Dense(8, activation="relu", name="hidden_0"),
+                keras.layers.Dense(1, name="out", dtype="float32"),
+            ]
+        )
+        # A huge initial scale overflows the float16 gradients until dynamic
+        # loss scaling has halved it enough times.
+        optimizer = keras.optimizers.LossScaleOptimizer(
+            keras.optimizers.Adam(), initial_scale=2.0**40
+        )
+        model.compile(optimizer, "mse")
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    watch = GradWatch(verbose=0, update_freq="batch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit(x, y, batch_size=4, epochs=3, shuffle=False, callbacks=[watch], verbose=0)
+
+    report = watch.report()
+    skipped = [r for r in watch.recent_steps if r.update_skipped]
+    assert report["loss_scale_skips"] > 0
+    assert report["loss_scale_skips"] == len(skipped) == report["skipped_updates"]
+    assert all(np.all(r.variable("update_norm") == 0) for r in skipped)
+    assert [f for f in watch.findings if f.kind == "nonfinite"] == []
+    assert not watch.recent_steps[-1].update_skipped

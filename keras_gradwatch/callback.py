@@ -581,6 +581,8 @@ class GradWatch(keras.callbacks.Callback):
             if self._clipping is not None and _clipping_acts(self._clipping, record):
                 self._clipped_steps += 1
             self._call_sinks("on_step", record)
+            # Count the step as read before a policy can raise on it.
+            self._next_step = record.step + 1
             for detector in self._detectors:
                 self._handle(detector.on_step(record))
         self._next_step = first + len(scalar_rows)

@@ -336,9 +336,11 @@ class DeadLayerDetector(Detector):
 
     def on_step(self, record):
         found = []
-        norms = record.layer("grad_norm")
-        for i, norm in enumerate(norms):
-            if norm != 0.0:  # NaN (no gradient) or nonzero ends a run
+        # max |g|, not the norm: the float32 sum of squares of entries below
+        # about 1e-23 underflows to a zero norm although the gradient is not 0.
+        largest = record.layer("grad_max")
+        for i, value in enumerate(largest):
+            if value != 0.0:  # NaN (no gradient) or nonzero ends a run
                 self.run_start[i] = None
                 continue
             if self.run_start[i] is None:
@@ -355,8 +357,9 @@ class DeadLayerDetector(Detector):
                         start_epoch,
                         length,
                         self.thresholds.dead_steps,
-                        f"the gradient of layer {layer!r} has been exactly zero for {length} "
-                        f"consecutive steps, so its weights no longer change: its units are "
+                        f"every gradient entry of layer {layer!r} has been exactly zero for "
+                        f"{length} consecutive steps, from step {start_step} to step "
+                        f"{record.step}, so its weights no longer change: its units are "
                         f"saturated or inactive on every sample",
                         detected_at=record.step,
                     )

@@ -365,3 +365,56 @@ def test_loss_scale_overflow_counted_not_reported(data):
     assert all(np.all(r.variable("update_norm") == 0) for r in skipped)
     assert [f for f in watch.findings if f.kind == "nonfinite"] == []
     assert not watch.recent_steps[-1].update_skipped
+
+
+def test_class_weight_statistics_equal_tape():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 4)).astype("float32")
+    y = (x[:, :1] > 0).astype("float32")
+    class_weight = {0: 0.25, 1: 3.0}
+    model = build_mlp(hidden=(8,), output_activation="sigmoid", loss="binary_crossentropy")
+    reference = build_mlp(
+        hidden=(8,), seed=9, output_activation="sigmoid", loss="binary_crossentropy"
+    )
+    reference.set_weights(model.get_weights())
+    weights = np.where(y[:16, 0] > 0, 3.0, 0.25).astype("float32")
+    with tf.GradientTape() as tape:
+        per_sample = keras.losses.binary_crossentropy(y[:16], reference(x[:16], training=True))
+        loss = tf.reduce_mean(per_sample * weights)
+    expected = tape.gradient(loss, reference.trainable_variables)
+
+    watch = GradWatch(verbose=0, update_freq="batch")
+    model.fit(
+        x,
+        y,
+        class_weight=class_weight,
+        batch_size=16,
+        epochs=1,
+        shuffle=False,
+        callbacks=[watch],
+        verbose=0,
+    )
+
+    record = watch.recent_steps[0]
+    np.testing.assert_allclose(record.loss, float(loss), rtol=1e-5)
+    for i, gradient in enumerate(expected):
+        np.testing.assert_allclose(
+            record.variable("grad_norm")[i], np.linalg.norm(gradient), rtol=1e-5
+        )
+
+
+def test_weight_decay_shows_in_update_not_gradient(data, reference_norms):
+    x, y = data
+    plain = watched_fit(build_mlp(hidden=(8,)), x, y)
+    decayed = watched_fit(
+        build_mlp(hidden=(8,), optimizer=keras.optimizers.AdamW(weight_decay=0.5)), x, y
+    )
+
+    # Weight decay acts inside the optimizer: the first gradient is the same,
+    # the first update is larger.
+    np.testing.assert_allclose(norms(decayed)[0], reference_norms[0], rtol=1e-5)
+    kernel = 0  # hidden_0/kernel
+    assert (
+        decayed.recent_steps[0].variable("update_norm")[kernel]
+        > plain.recent_steps[0].variable("update_norm")[kernel]
+    )

@@ -74,7 +74,6 @@ FINDINGS_TAG = f"{PREFIX}/findings"
 HISTOGRAM_BUCKETS = 30
 
 
-@tf.function(reduce_retracing=True)
 def device_histogram(tensor: tf.Tensor) -> tf.Tensor:
     """Return `[left edge, right edge, count]` rows of `HISTOGRAM_BUCKETS` buckets.
 
@@ -95,6 +94,17 @@ def device_histogram(tensor: tf.Tensor) -> tf.Tensor:
         return tf.stack([edges[:-1], edges[1:], tf.cast(counts, tf.float64)], axis=1)
 
     return tf.cond(high > low, spread_values, equal_values)
+
+
+@tf.function
+def device_histograms(tensors: list[tf.Tensor]) -> list[tf.Tensor]:
+    """Return `device_histogram` of each tensor, in one call to the device.
+
+    One traced call for all of a model's weights and gradients costs one
+    dispatch instead of one per tensor. It is traced again only when the
+    list's shapes change.
+    """
+    return [device_histogram(tensor) for tensor in tensors]
 
 
 def histogram_value(tag: str, buckets: np.ndarray) -> summary_pb2.Summary.Value:
@@ -175,20 +185,22 @@ class TensorBoardSink(Sink):
         self._writer.flush()
 
     def _histograms(self, watch) -> list:
-        values = []
         gradients = watch.stored_gradients()
         recent = watch.recent_steps
         has_gradient = recent[-1].has_gradient if recent else None
+        tags = []
+        tensors = []
         for i, (info, variable) in enumerate(zip(watch.layout.variables, watch.watched_variables)):
             # A tensor read of the variable, not the variable itself: passing
-            # variables returned another variable's buckets on TF 2.21 under
-            # `reduce_retracing`.
-            buckets = device_histogram(tf.convert_to_tensor(variable.value)).numpy()
-            values.append(histogram_value(histogram_tag("weights", info.path), buckets))
+            # variables to a traced function returned another variable's
+            # buckets on TF 2.21.
+            tags.append(histogram_tag("weights", info.path))
+            tensors.append(tf.convert_to_tensor(variable.value))
             if gradients is not None and has_gradient is not None and has_gradient[i]:
-                buckets = device_histogram(tf.convert_to_tensor(gradients[i])).numpy()
-                values.append(histogram_value(histogram_tag("gradients", info.path), buckets))
-        return values
+                tags.append(histogram_tag("gradients", info.path))
+                tensors.append(tf.convert_to_tensor(gradients[i]))
+        buckets = device_histograms(tensors)
+        return [histogram_value(tag, b.numpy()) for tag, b in zip(tags, buckets)]
 
     def close(self, watch) -> None:
         if self._writer is not None:

@@ -11,6 +11,7 @@ from `--settle` on, so tracing and the allocator's first growth are left out.
     python bench/memory_long_run.py                  # GradWatch, about 5 minutes
     python bench/memory_long_run.py --config plain   # the same run without it
     python bench/memory_long_run.py --epochs 5 --steps 200 --output rss.json
+    python bench/memory_long_run.py --epochs 60 --steps 200 --trace-python
 
 GradWatch keeps one summary per epoch by design, and the script prints its
 pickled size, so a slope of that order is expected. State that grew with the
@@ -26,6 +27,7 @@ import pickle
 import resource
 import sys
 import time
+import tracemalloc
 import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -50,17 +52,42 @@ def current_rss_mib() -> float:
 
 
 class RssSampler(keras.callbacks.Callback):
-    """Samples RSS and wall time at the end of every epoch."""
+    """Samples RSS and wall time at the end of every epoch.
 
-    def __init__(self):
+    With `trace_epochs` (1-based) it also takes a tracemalloc snapshot at the
+    end of each of those epochs; tracemalloc must be running.
+    """
+
+    def __init__(self, trace_epochs: tuple[int, ...] = ()):
         super().__init__()
         self.rss_mib: list[float] = []
         self.seconds: list[float] = []
+        self.snapshots: dict[int, tracemalloc.Snapshot] = {}
+        self._trace_epochs = trace_epochs
         self._start = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
         self.rss_mib.append(current_rss_mib())
         self.seconds.append(time.perf_counter() - self._start)
+        if epoch + 1 in self._trace_epochs:
+            self.snapshots[epoch + 1] = tracemalloc.take_snapshot()
+
+
+def python_heap_growth(first: tracemalloc.Snapshot, last: tracemalloc.Snapshot) -> dict:
+    """Return the growth of Python allocations between two snapshots, in bytes.
+
+    `total` leaves out tracemalloc's own allocations (the first snapshot is
+    still alive), and `keras_gradwatch` sums the files of that package.
+    """
+    growth = {"total": 0, "keras_gradwatch": 0}
+    for difference in last.compare_to(first, "filename"):
+        filename = difference.traceback[0].filename
+        if filename == tracemalloc.__file__:
+            continue
+        growth["total"] += difference.size_diff
+        if f"{os.sep}keras_gradwatch{os.sep}" in filename:
+            growth["keras_gradwatch"] += difference.size_diff
+    return growth
 
 
 def slope_kib_per_epoch(rss_mib: list[float], first_epoch: int) -> float:
@@ -85,6 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and data")
     parser.add_argument("--output", default=None, help="write the samples to this JSON file")
+    parser.add_argument(
+        "--trace-python",
+        action="store_true",
+        help="also compare Python allocations (tracemalloc) from --settle to the last epoch; "
+        "slows training down",
+    )
     args = parser.parse_args(argv)
     if args.epochs < 1 or args.steps < 1:
         parser.error(
@@ -102,7 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     model.compile(keras.optimizers.Adam(), "mse")
 
-    sampler = RssSampler()
+    trace_epochs = (settle, args.epochs) if args.trace_python and settle < args.epochs else ()
+    if trace_epochs:
+        tracemalloc.start(1)
+    sampler = RssSampler(trace_epochs)
     callbacks = [sampler]
     watch = None
     if args.config == "gradwatch":
@@ -132,6 +168,13 @@ def main(argv: list[str] | None = None) -> int:
         result["gradwatch_lost_steps"] = watch.report()["lost_steps"]
         # The pickled size estimates the memory that one epoch summary uses.
         result["gradwatch_summary_bytes"] = len(pickle.dumps(watch.epochs[-1]))
+    if trace_epochs:
+        growth = python_heap_growth(sampler.snapshots[settle], sampler.snapshots[args.epochs])
+        epochs_between = args.epochs - settle
+        result["python_heap_growth_bytes"] = growth
+        result["python_heap_growth_kib_per_epoch"] = {
+            key: value / 1024 / epochs_between for key, value in growth.items()
+        }
 
     print(
         f"{args.config}: {result['total_steps']} steps in {result['seconds']:.0f} s, "
@@ -149,6 +192,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{result['gradwatch_summary_bytes']} bytes pickled each, "
             f"{result['gradwatch_recent_steps']} recent step records, "
             f"{result['gradwatch_lost_steps']} lost steps"
+        )
+    if trace_epochs:
+        per_epoch = result["python_heap_growth_kib_per_epoch"]
+        print(
+            f"  Python allocations from epoch {settle} to {args.epochs}: "
+            f"{per_epoch['total']:.2f} KiB/epoch in all, "
+            f"{per_epoch['keras_gradwatch']:.2f} KiB/epoch in keras_gradwatch"
         )
     if args.output:
         with open(args.output, "w") as file:

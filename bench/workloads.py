@@ -247,4 +247,4 @@ def make_callbacks(
         return [keras.callbacks.TensorBoard(log_dir=log_dir, histogram_freq=1)]
     if config == "naive":
         return [NaiveGradientNorms(x, y, workload.batch_size, workload.loss)]
-    raise ValueError(f"Unknown configuration {config!r}; expected one of {', '.join(CONFIGS)}")
+    raise ValueError(f"Invalid configuration {config!r}: expected one of {', '.join(CONFIGS)}")

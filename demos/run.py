@@ -18,8 +18,8 @@ from keras_gradwatch import GradWatch
 
 FIGURE_FILE = "gradient_flow.png"
 METRICS_FILE = "metrics.json"
-# What GradWatch writes into its log_dir, which is the model's output
-# directory: removed before a rerun so two runs never mix.
+# Outputs of GradWatch in its log_dir, which is the model's output directory.
+# They are removed before a rerun so that two runs never mix.
 GRADWATCH_OUTPUTS = ("train", "gradwatch.jsonl", "report.json")
 
 

@@ -55,8 +55,8 @@ class Finding:
         kind: one of the finding kinds, e.g. `"vanishing_gradient"`.
         layers: names of the layers concerned, input side first.
         step: global training step (0-based, counted over the `fit` call)
-            where the condition started; for a sustained condition that is
-            the first step of the run of steps that triggered the finding.
+            where the condition started. For a sustained condition it is the
+            first step of the run of steps that triggered the finding.
         epoch: epoch (0-based) of `step`.
         value: the observed value that crossed the threshold, first time.
         threshold: the threshold it crossed.

@@ -35,7 +35,6 @@ class _TraceState:
     variable_stats: tf.Tensor | None = None
     global_grad_norm: tf.Tensor | None = None
     update_skipped: tf.Tensor | None = None
-    apply_calls: int = 0
 
 
 class StepInstrument:
@@ -172,7 +171,6 @@ class StepInstrument:
         return logs
 
     def _instrumented_apply(self, state, original_apply, optimizer, grads, variables):
-        state.apply_calls += 1
         unscaled = _sum_over_replicas(_unscale(optimizer, grads))
         gradients = {}
         for gradient, variable in zip(unscaled, variables):
@@ -191,9 +189,9 @@ class StepInstrument:
         if self.gradient_store is not None:
             self._store_gradients(unscaled, variables)
 
-        # Gradient statistics: the small variables in one flat vector with one
-        # segment per variable, which keeps the op count low for models with
-        # many small layers; large and sparse gradients one by one.
+        # Small variables share one flat vector with a segment each, which keeps
+        # the op count low for models with many small layers. Large and sparse
+        # gradients get their own reductions.
         grad_rows = []
         if fused:
             flat = tf.concat([_flat(gradients[i]) for i in fused], axis=0)
@@ -271,10 +269,10 @@ class StepInstrument:
         """Run the optimizer update; return 1.0 if it was skipped, else 0.0."""
         context = tf.distribute.get_replica_context()
         multi_replica = context is not None and context.num_replicas_in_sync > 1
-        # NOTE: the optimizer synchronises replicas inside `apply` (a merge
-        # call), which a `tf.cond` in replica context cannot contain, so
-        # multi-replica training runs unguarded; the callback then falls back
-        # to its host copy of the last finite weights.
+        # NOTE: multi-replica training runs unguarded. The optimizer
+        # synchronises replicas inside `apply` (a merge call), which a `tf.cond`
+        # in replica context cannot contain. The callback then restores its
+        # host copy of the last finite weights instead.
         if not self.guard_nonfinite or multi_replica:
             original_apply(grads, variables)
             if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
@@ -343,8 +341,10 @@ class StepInstrument:
             empty_scalars = np.zeros((0, len(stats_lib.STEP_SCALARS)), np.float32)
             return first, empty_vars, empty_scalars, lost
         slots = np.arange(first, written) % self.capacity
-        variable_rows = self.variable_buffer.numpy()[slots]
-        scalar_rows = self.scalar_buffer.numpy()[slots]
+        # Gather the rows on the device, so only the unread steps are copied.
+        indices = tf.constant(slots, tf.int32)
+        variable_rows = tf.gather(self.variable_buffer, indices).numpy()
+        scalar_rows = tf.gather(self.scalar_buffer, indices).numpy()
         return first, variable_rows, scalar_rows, lost
 
     def steps_written_now(self) -> int:
@@ -359,7 +359,7 @@ _ACTIVE = threading.local()
 def record_loss(loss):
     """Report the batch loss from a custom `train_step` to GradWatch.
 
-    GradWatch sees the loss through `model.compute_loss`. A `train_step` that
+    GradWatch gets the loss from `model.compute_loss`. A `train_step` that
     computes its loss another way can pass it here, inside the step, so that
     the loss detectors and the report get it. Outside a step traced by
     GradWatch this does nothing. Returns `loss` unchanged.

@@ -2,7 +2,7 @@
 
 Each function takes tensors and returns float32 scalars, so the train step can
 reduce a gradient of any size to a handful of numbers without copying it to the
-host. The host-side code never sees a full gradient.
+host. No full gradient is copied to the host.
 """
 
 from __future__ import annotations
@@ -68,13 +68,6 @@ def gradient_stats(gradient, dense_size: int) -> list[tf.Tensor]:
 def l2_norm(tensor: tf.Tensor) -> tf.Tensor:
     """Return the L2 norm of a tensor of any shape as a float32 scalar."""
     return tf.norm(tf.reshape(tf.cast(tensor, tf.float32), [-1]))
-
-
-def global_norm(norms: list[tf.Tensor]) -> tf.Tensor:
-    """Return sqrt(sum of squares) of per-variable norms (0 for no norms)."""
-    if not norms:
-        return tf.constant(0.0, tf.float32)
-    return tf.sqrt(tf.add_n([tf.square(n) for n in norms]))
 
 
 # The unsorted segment ops, unlike the sorted ones, have XLA kernels, so the

@@ -61,7 +61,7 @@ def test_mirrored_strategy_norms_equal_single_device(data, reference_norms):
         model = build_mlp(hidden=(8,))
     watch = watched_fit(model, x, y)
 
-    # Each replica sees half of the global batch of 16; the statistics
+    # Each replica gets half of the global batch of 16. The statistics
     # describe the summed gradient that the optimizer applies.
     assert [r.step for r in watch.recent_steps] == list(range(8))
     np.testing.assert_allclose(norms(watch), reference_norms, rtol=1e-5)

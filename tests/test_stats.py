@@ -44,12 +44,6 @@ def test_sparse_stats_equal_dense_equivalent():
     np.testing.assert_allclose(zero_fraction, np.mean(dense == 0.0), rtol=1e-6)
 
 
-def test_global_norm_combines_norms():
-    norms = [tf.constant(3.0), tf.constant(4.0), tf.constant(12.0)]
-    assert float(stats.global_norm(norms)) == 13.0
-    assert float(stats.global_norm([])) == 0.0
-
-
 def test_l2_norm_of_any_shape():
     tensor = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
     np.testing.assert_allclose(

@@ -78,12 +78,13 @@ class GradWatch(keras.callbacks.Callback):
     stock train function is back in place.
 
     Per trainable variable and step, the graph computes the gradient L2 norm,
-    max |g|, the count of non-finite gradient entries, the fraction of
-    exactly-zero gradient entries, the weight L2 norm after the update and the
-    update norm ||w_after - w_before||; plus the global gradient norm and the
-    batch loss. Gradients are unscaled first when a `LossScaleOptimizer`
-    scales the loss. These numbers stay in a ring buffer on the device until
-    the host reads them (see `update_freq`).
+    max |g| and the count of non-finite gradient entries, plus the global
+    gradient norm and the batch loss. Every `weight_stats_freq` steps it
+    also computes the fraction of exactly-zero gradient entries, the weight
+    L2 norm after the update and the update norm ||w_after - w_before||.
+    Gradients are unscaled first when a `LossScaleOptimizer` scales the loss.
+    These numbers stay in a ring buffer on the device until the host reads
+    them (see `update_freq`).
 
     Detectors (see `keras_gradwatch.detectors`) turn them into findings:
     vanishing gradients (decay with depth, dead layers, tiny updates),
@@ -121,6 +122,17 @@ class GradWatch(keras.callbacks.Callback):
             are emitted whatever the verbosity.
         buffer_steps: steps the device ring buffer holds. Defaults to `256`.
             Memory on the device is `buffer_steps * n_variables * 7` floats.
+        weight_stats_freq: compute the weight norm, the update norm and the
+            fraction of zero gradient entries every this many steps, and at
+            the last step of each epoch; `1` computes them every step and `0`
+            never. Defaults to `10`. The update norm needs a copy of the
+            weights taken before the optimizer writes them, which costs a
+            copy of the trainable weights in device memory and a pass over
+            every weight on the steps it runs. The gradient norm, max |g|,
+            the non-finite check and the loss are computed every step
+            whatever this is. On the other steps these columns are NaN.
+            With `gradient_accumulation_steps` it is rounded up to a
+            multiple of them, so the measured steps are the updating ones.
     """
 
     def __init__(
@@ -136,6 +148,7 @@ class GradWatch(keras.callbacks.Callback):
         log_grad_norm: bool = False,
         verbose: int = 1,
         buffer_steps: int = 256,
+        weight_stats_freq: int = 10,
     ):
         super().__init__()
         self.log_dir = None if log_dir is None else _prepare_log_dir(log_dir)
@@ -191,6 +204,17 @@ class GradWatch(keras.callbacks.Callback):
                 f"Received: buffer_steps={buffer_steps!r}"
             )
         self.buffer_steps = int(buffer_steps)
+        if (
+            isinstance(weight_stats_freq, bool)
+            or not isinstance(weight_stats_freq, (int, np.integer))
+            or weight_stats_freq < 0
+        ):
+            raise ValueError(
+                "Invalid value for argument `weight_stats_freq`: expected an integer >= 0 "
+                "(1 measures every step, 0 never). "
+                f"Received: weight_stats_freq={weight_stats_freq!r}"
+            )
+        self.weight_stats_freq = int(weight_stats_freq)
         self._cached_instrument = None
         self._reset_run_state()
 
@@ -353,6 +377,7 @@ class GradWatch(keras.callbacks.Callback):
             guard,
             store,
             self.log_grad_norm,
+            self.weight_stats_freq,
         )
         cached = self._cached_instrument
         if cached is not None and cached[0] == key and cached[1].can_reinstall():
@@ -365,6 +390,7 @@ class GradWatch(keras.callbacks.Callback):
                 capacity,
                 guard_nonfinite=guard,
                 log_grad_norm=self.log_grad_norm,
+                measure_every=self.weight_stats_freq,
                 store_gradients=store,
             )
             self._instrument.install()
@@ -393,18 +419,27 @@ class GradWatch(keras.callbacks.Callback):
         self._epoch_first_step = self._host_step
         self._aggregator = EpochAggregator(epoch)
         self._store_armed = False
+        self._measure_armed = False
 
     def on_train_batch_begin(self, batch, logs=None):
         instrument = self._instrument
-        if instrument is None or instrument.gradient_store is None or self._store_armed:
+        if instrument is None:
+            return
+        steps = (self.params or {}).get("steps")
+        last = steps is not None and batch + self._steps_per_execution >= steps
+        # Measure the weights at the last execution of the epoch, so the
+        # epoch's last weight norm is its final one.
+        if last and not self._measure_armed and instrument.measure_every > 1:
+            instrument.measure_armed.assign(True)
+            self._measure_armed = True
+        if instrument.gradient_store is None or self._store_armed:
             return
         if not self.is_histogram_epoch(self._epoch):
             return
         # Arm the gradient copy for the last execution of the epoch, so the
         # histograms show the gradients of the epoch's last step. With an
         # unknown epoch length, every step is copied and the last one stays.
-        steps = (self.params or {}).get("steps")
-        if steps is None or batch + self._steps_per_execution >= steps:
+        if steps is None or last:
             instrument.store_armed.assign(True)
             self._store_armed = True
 
@@ -458,6 +493,9 @@ class GradWatch(keras.callbacks.Callback):
         if self._store_armed:
             self._instrument.store_armed.assign(False)
             self._store_armed = False
+        if self._measure_armed:
+            self._instrument.measure_armed.assign(False)
+            self._measure_armed = False
         self._snapshot_finite_weights()
         if self.verbose:
             column = LAYER_COLUMNS.index("grad_norm")
@@ -509,6 +547,7 @@ class GradWatch(keras.callbacks.Callback):
         self._steps_per_execution = 1
         self._sinks = []
         self._store_armed = False
+        self._measure_armed = False
         self._clipping = None
         self._clipped_steps = 0
 

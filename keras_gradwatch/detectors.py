@@ -269,7 +269,7 @@ class NonFiniteDetector(Detector):
 
     def on_step(self, record):
         grad_bad = record.layer("grad_nonfinite") > 0
-        weight_bad = ~np.isfinite(record.layer("weight_norm"))
+        weight_bad = ~np.isfinite(record.layer("weight_norm")) & record.weights_measured
         loss_bad = record.loss_seen and not math.isfinite(record.loss)
 
         if self.loss_scaling and grad_bad.any() and not loss_bad and record.update_skipped:
@@ -458,6 +458,10 @@ class SmallUpdateDetector(Detector):
         # The epoch maximum, not the median: with gradient accumulation the
         # optimizer updates the weights only every N steps, so most steps
         # have a zero update by design.
+        if summary.skipped_updates:
+            # A skipped update has size 0 by design; the non-finite detector
+            # reports why it was skipped.
+            return []
         largest = summary.layers[2]
         ratio = largest[:, _layer_col("update_ratio")]
         grad = largest[:, _layer_col("grad_norm")]
@@ -555,7 +559,7 @@ class WeightGrowthDetector(Detector):
         self.epoch = None
 
     def on_step(self, record):
-        if record.epoch != self.epoch:
+        if record.epoch != self.epoch and record.weights_measured:
             self.epoch = record.epoch
             self.epoch_start = record.layer("weight_norm").copy()
         return []

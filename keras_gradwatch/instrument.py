@@ -35,6 +35,7 @@ class _TraceState:
     variable_stats: tf.Tensor | None = None
     global_grad_norm: tf.Tensor | None = None
     update_skipped: tf.Tensor | None = None
+    weights_measured: tf.Tensor | bool = False
 
 
 class StepInstrument:
@@ -50,6 +51,12 @@ class StepInstrument:
             stay at their last finite values until training stops.
         log_grad_norm: when True, the step adds the global gradient norm to
             its returned logs as `grad_norm`.
+        measure_every: compute the measured-step statistics (gradient zero
+            fraction, weight norm, update norm) on every this many optimizer
+            iterations, and on every step while `measure_armed` is True; 0
+            never computes them. With gradient accumulation it is rounded up
+            to a multiple of the accumulation steps. Any value but 0 keeps a
+            copy of the trainable weights on the device, for the update norm.
         store_gradients: when True, a copy of every gradient is kept on the
             device in `gradient_store`, overwritten only by steps that run
             while `store_armed` is True. This costs one extra copy of the
@@ -64,6 +71,7 @@ class StepInstrument:
         capacity: int,
         guard_nonfinite: bool,
         log_grad_norm: bool = False,
+        measure_every: int = 1,
         store_gradients: bool = False,
     ):
         self.model = model
@@ -73,6 +81,7 @@ class StepInstrument:
         self.log_grad_norm = log_grad_norm
         self._index = {id(v): i for i, v in enumerate(self.variables)}
         self._sizes = [int(np.prod(v.shape)) for v in self.variables]
+        self.measure_every = _round_to_accumulation(int(measure_every), model.optimizer)
         self._original_train_function = None
         self._instrumented_function = None
         self._installed = False
@@ -97,6 +106,13 @@ class StepInstrument:
                 tf.constant(0, tf.int64), trainable=False, name="gradwatch_steps"
             )
             self.finite_so_far = tf.Variable(True, trainable=False, name="gradwatch_finite")
+            self.measure_armed = tf.Variable(False, trainable=False, name="gradwatch_measure")
+            self.snapshots = []
+            if self.measure_every:
+                self.snapshots = [
+                    tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False, name="gradwatch_prior")
+                    for v in self.variables
+                ]
             self.gradient_store = None
             self.store_armed = None
             if store_gradients:
@@ -147,6 +163,7 @@ class StepInstrument:
         """Install the already traced function again, with emptied buffers."""
         self.steps_written.assign(0)
         self.finite_so_far.assign(True)
+        self.measure_armed.assign(False)
         if self.store_armed is not None:
             self.store_armed.assign(False)
         self.model.train_function = self._instrumented_function
@@ -184,69 +201,128 @@ class StepInstrument:
         ]
         separate = [i for i in sorted(gradients) if i not in set(fused)]
         without = [i for i in range(len(self.variables)) if i not in gradients]
-        fused_sizes = [self._sizes[i] for i in fused]
+        n_with = len(fused) + len(separate)
+        order = fused + separate + without
 
         if self.gradient_store is not None:
             self._store_gradients(unscaled, variables)
 
-        # Small variables share one flat vector with a segment each, which keeps
-        # the op count low for models with many small layers. Large and sparse
-        # gradients get their own reductions.
-        grad_rows = []
+        # Every step: L2 norm and max |g|. Small variables share one flat
+        # vector with a segment each, which keeps the op count low for models
+        # with many small layers; large and sparse gradients get their own
+        # reductions.
+        values = {}
+        core_rows = []
         if fused:
-            flat = tf.concat([_flat(gradients[i]) for i in fused], axis=0)
-            grad_rows.append(stats_lib.segment_gradient_stats(flat, fused_sizes))
+            fused_ids = stats_lib.segment_ids([self._sizes[i] for i in fused])
+            fused_flat = tf.concat([stats_lib.flat32(gradients[i]) for i in fused], axis=0)
+            core_rows.append(stats_lib.segment_core_stats(fused_flat, fused_ids, len(fused)))
         for i in separate:
-            grad_rows.append(tf.stack(stats_lib.gradient_stats(gradients[i], self._sizes[i]))[None])
-        grad_table = tf.concat(grad_rows, axis=0) if grad_rows else tf.zeros([0, 4])
+            gradient = gradients[i]
+            if isinstance(gradient, tf.IndexedSlices):
+                gradient = stats_lib.summed_rows(gradient)
+            values[i] = stats_lib.flat32(gradient)
+            core_rows.append(stats_lib.core_stats(values[i])[None])
+        core = tf.concat(core_rows, axis=0) if core_rows else tf.zeros([0, 2])
 
-        all_finite = tf.equal(tf.reduce_sum(grad_table[:, 2]), 0.0)
+        # A finite sum of squares means every entry is finite, so the entries
+        # are counted only when a norm is not finite.
+        def count_nonfinite():
+            counts = []
+            if fused:
+                counts.append(stats_lib.segment_nonfinite_count(fused_flat, fused_ids, len(fused)))
+            counts.extend(stats_lib.nonfinite_count(values[i])[None] for i in separate)
+            return tf.concat(counts, axis=0)
+
+        if n_with:
+            norms_finite = tf.reduce_all(tf.math.is_finite(core[:, 0]))
+            nonfinite = tf.cond(norms_finite, lambda: tf.zeros([n_with]), count_nonfinite)
+        else:
+            nonfinite = tf.zeros([0])
+
+        step_finite = tf.reduce_all(tf.equal(nonfinite, 0.0))
         if state.loss is not None:
             loss_finite = tf.reduce_all(tf.math.is_finite(tf.cast(state.loss, tf.float32)))
-            step_finite = tf.logical_and(all_finite, loss_finite)
-        else:
-            step_finite = all_finite
+            step_finite = tf.logical_and(step_finite, loss_finite)
 
-        # Weights before the update: one copy of the small ones, and a read of
-        # each large one (TensorFlow copies it when the update writes in place).
-        reads = [tf.identity(self.variables[i].value) for i in separate]
-        if fused:
-            fused_before = tf.concat([_flat(self.variables[i].value) for i in fused], axis=0)
-            reads.append(fused_before)
-        with tf.control_dependencies(reads):
+        # Measured steps: copy the weights before the update, for the update norm.
+        measure = self._measure_condition(optimizer)
+
+        def take_snapshot():
+            for i in fused + separate:
+                self.snapshots[i].assign(self.variables[i].value)
+            return tf.constant(True)
+
+        snapshot = _when(measure, take_snapshot, lambda: tf.constant(False))
+        with tf.control_dependencies([snapshot]):
             skipped = self._apply_update(original_apply, optimizer, grads, variables, step_finite)
 
-        with tf.control_dependencies([skipped]):
-            weight_rows = []
+        nan = tf.constant(float("nan"))
+
+        def measure_weights():
+            rows = []
             if fused:
-                fused_after = tf.concat([_flat(self.variables[i].value) for i in fused], axis=0)
-                columns = tf.stack([fused_after, fused_after - fused_before], axis=1)
-                weight_rows.append(stats_lib.segment_norms(columns, fused_sizes))
-            for i, before in zip(separate, reads):
-                after = tf.identity(self.variables[i].value)
-                pair = [stats_lib.l2_norm(after), stats_lib.l2_norm(after - before)]
-                weight_rows.append(tf.stack(pair)[None])
-            weight_table = tf.concat(weight_rows, axis=0) if weight_rows else tf.zeros([0, 2])
-            with_gradient = tf.concat(
-                [grad_table, weight_table, tf.ones([len(fused) + len(separate), 1])], axis=1
+                sizes = [self._sizes[i] for i in fused]
+                after = tf.concat([stats_lib.flat32(self.variables[i].value) for i in fused], 0)
+                before = tf.concat([stats_lib.flat32(self.snapshots[i]) for i in fused], 0)
+                zeros = stats_lib.segment_zero_count(fused_flat, fused_ids, len(fused))
+                zero_fraction = zeros / tf.constant(sizes, tf.float32)
+                norms = stats_lib.segment_norms(tf.stack([after, after - before], axis=1), sizes)
+                rows.append(tf.concat([zero_fraction[:, None], norms], axis=1))
+            for i in separate:
+                zeros = stats_lib.zero_count(values[i])
+                if isinstance(gradients[i], tf.IndexedSlices):
+                    nonzero = tf.cast(tf.size(values[i]), tf.float32) - zeros
+                    zero_fraction = 1.0 - nonzero / float(self._sizes[i])
+                else:
+                    zero_fraction = zeros / float(self._sizes[i])
+                after = self.variables[i].value
+                update = stats_lib.flat32(after) - stats_lib.flat32(self.snapshots[i])
+                pair = [stats_lib.l2_norm(after), stats_lib.l2_norm(update)]
+                rows.append(tf.stack([zero_fraction] + pair)[None])
+            for i in without:
+                rows.append(tf.stack([nan, stats_lib.l2_norm(self.variables[i].value), nan])[None])
+            return tf.concat(rows, axis=0)
+
+        def not_measured():
+            return tf.fill([len(order), 3], nan)
+
+        with tf.control_dependencies([skipped]):
+            weight_table = _when(measure, measure_weights, not_measured)
+        gradient_table = tf.concat([core, nonfinite[:, None], tf.ones([n_with, 1])], axis=1)
+        if without:
+            missing = tf.stack([nan, nan, nan, 0.0])
+            gradient_table = tf.concat(
+                [gradient_table, tf.tile(missing[None], [len(without), 1])], axis=0
             )
-            nan = tf.constant(float("nan"))
-            without_rows = [
-                tf.stack([nan, nan, nan, nan, stats_lib.l2_norm(self.variables[i].value), nan, 0.0])
-                for i in without
-            ]
-            table = with_gradient
-            if without_rows:
-                table = tf.concat([with_gradient, tf.stack(without_rows)], axis=0)
-            # The rows are in the order fused, separate, without; put them
-            # back in the order of `self.variables`.
-            position = np.argsort(np.array(fused + separate + without, dtype=np.int64))
-            table = tf.gather(table, tf.constant(position, tf.int32))
+        # Columns in the order of VARIABLE_STATS; rows in the order fused,
+        # separate, without, put back in the order of `self.variables`.
+        table = tf.concat([gradient_table[:, :3], weight_table, gradient_table[:, 3:]], axis=1)
+        position = np.argsort(np.array(order, dtype=np.int64))
+        table = tf.gather(table, tf.constant(position, tf.int32))
 
         state.variable_stats = table
-        state.global_grad_norm = tf.norm(grad_table[:, 0])
+        state.global_grad_norm = tf.norm(core[:, 0])
         state.update_skipped = skipped
+        state.weights_measured = measure
         self.optimizer_apply_seen = True
+
+    def _measure_condition(self, optimizer):
+        """Return whether this step computes the measured-step statistics.
+
+        A Python bool where that is known while tracing, else a boolean tensor.
+        """
+        if self.measure_every == 0 or not _is_first_replica():
+            return False
+        if self.measure_every == 1:
+            return True
+        # The optimizer's count of `apply` calls, read before it increments.
+        # With gradient accumulation `measure_every` is a multiple of the
+        # accumulation steps, and Keras updates the weights on the calls where
+        # (count + 1) is a multiple of them, so the measured steps update.
+        calls = _apply_count(optimizer)
+        due = tf.equal(tf.math.floormod(calls + 1, self.measure_every), 0)
+        return tf.logical_or(due, self.measure_armed)
 
     def _store_gradients(self, gradients, variables):
         """Copy the gradients into `gradient_store` when the host armed it."""
@@ -301,10 +377,12 @@ class StepInstrument:
             rows = tf.fill([len(self.variables), n_stats], nan)
             global_grad_norm = nan
             skipped = tf.constant(0.0)
+            measured = tf.constant(0.0)
         else:
             rows = state.variable_stats
             global_grad_norm = state.global_grad_norm
             skipped = tf.cast(state.update_skipped, tf.float32)
+            measured = tf.cast(state.weights_measured, tf.float32)
         if state.loss is not None:
             self.loss_seen = True
             # Under a distribution strategy each replica's loss is already
@@ -317,9 +395,13 @@ class StepInstrument:
             # Every replica computed the same (all-reduced) statistics; the
             # first one records them.
             return
-        slot = tf.math.floormod(self.steps_written, self.capacity)
-        self.variable_buffer[slot].assign(rows)
-        self.scalar_buffer[slot].assign(tf.stack([loss, global_grad_norm, skipped]))
+        # A scatter, not `buffer[slot].assign(...)`: XLA needs the bounds of a
+        # slice assignment at compile time and would compile the step again
+        # for every slot.
+        slot = tf.cast(tf.math.floormod(self.steps_written, self.capacity), tf.int32)[None]
+        self.variable_buffer.scatter_update(tf.IndexedSlices(rows[None], slot))
+        scalars = tf.stack([loss, global_grad_norm, skipped, measured])
+        self.scalar_buffer.scatter_update(tf.IndexedSlices(scalars[None], slot))
         self.steps_written.assign_add(1)
 
     # -- host side --------------------------------------------------------
@@ -460,6 +542,34 @@ class _Hooks:
         model = self.instrument.model
         del model.optimizer.apply
         del model.compute_loss
+
+
+def _when(condition, true_fn, false_fn):
+    """`tf.cond`, or just the chosen branch when `condition` is a Python bool."""
+    if isinstance(condition, bool):
+        return true_fn() if condition else false_fn()
+    return tf.cond(condition, true_fn, false_fn)
+
+
+def _round_to_accumulation(every: int, optimizer) -> int:
+    """Round `every` up to a multiple of the optimizer's gradient accumulation steps."""
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        optimizer = optimizer.inner_optimizer
+    steps = int(getattr(optimizer, "gradient_accumulation_steps", None) or 1)
+    if every <= 1 or steps <= 1:
+        return every
+    return -(-every // steps) * steps
+
+
+def _apply_count(optimizer):
+    """Return the optimizer's count of `apply` calls, updating or not.
+
+    `optimizer.iterations` counts updates, which differs from the calls under
+    gradient accumulation; Keras keeps the count of calls in `_iterations`.
+    """
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        optimizer = optimizer.inner_optimizer
+    return getattr(optimizer, "_iterations", optimizer.iterations)
 
 
 def _is_first_replica() -> bool:

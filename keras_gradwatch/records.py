@@ -31,6 +31,10 @@ LAYER_COLUMNS = (
     "update_ratio",
 )
 SCALAR_COLUMNS = ("loss", "global_grad_norm", "update_skipped")
+# Columns computed on measured steps only (see `GradWatch(weight_stats_freq=...)`);
+# NaN on the other steps.
+MEASURED_VARIABLE_COLUMNS = ("grad_zero_fraction", "weight_norm", "update_norm", "update_ratio")
+MEASURED_LAYER_COLUMNS = ("weight_norm", "update_norm", "update_ratio")
 AGGREGATES = ("min", "median", "max", "last")
 
 
@@ -141,6 +145,9 @@ class StepRecord:
     global_grad_norm: float
     update_skipped: bool
     loss_seen: bool = True
+    # False when the step did not compute the columns in
+    # MEASURED_VARIABLE_COLUMNS and MEASURED_LAYER_COLUMNS; they are NaN then.
+    weights_measured: bool = True
 
     def variable(self, column: str) -> np.ndarray:
         return self.variables[:, VARIABLE_COLUMNS.index(column)]
@@ -194,6 +201,7 @@ def make_step_record(
         global_grad_norm=float(scalar_row[SCALAR_INDEX["global_grad_norm"]]),
         update_skipped=bool(scalar_row[SCALAR_INDEX["update_skipped"]] > 0.5),
         loss_seen=loss_seen,
+        weights_measured=bool(scalar_row[SCALAR_INDEX["weights_measured"]] > 0.5),
     )
 
 
@@ -240,13 +248,19 @@ class EpochAggregator:
         flat = np.concatenate([record.variables.ravel(), record.layers.ravel(), record.scalars()])
         if self._shapes is None:
             self._shapes = (record.variables.shape, record.layers.shape)
+            self._measured_mask = _measured_mask(record.variables.shape, record.layers.shape)
             self._min = flat.copy()
             self._max = flat.copy()
+            self._last = flat
             self.first_step = record.step
         else:
             self._min = np.fmin(self._min, flat)
             self._max = np.fmax(self._max, flat)
-        self._last = flat
+            if record.weights_measured:
+                self._last = flat
+            else:
+                # "last" of a measured column is its last measured value.
+                self._last = np.where(self._measured_mask, self._last, flat)
         self.last_step = record.step
         self.steps += 1
         if np.isfinite(record.loss):
@@ -284,6 +298,15 @@ class EpochAggregator:
             loss_mean=self._loss_sum / self._loss_count if self._loss_count else float("nan"),
             skipped_updates=self._skipped,
         )
+
+
+def _measured_mask(variable_shape, layer_shape) -> np.ndarray:
+    """Return a mask of the measured-step columns in `EpochAggregator`'s flat layout."""
+    variables = np.zeros(variable_shape, bool)
+    variables[:, [VARIABLE_COLUMNS.index(c) for c in MEASURED_VARIABLE_COLUMNS]] = True
+    layers = np.zeros(layer_shape, bool)
+    layers[:, [LAYER_COLUMNS.index(c) for c in MEASURED_LAYER_COLUMNS]] = True
+    return np.concatenate([variables.ravel(), layers.ravel(), np.zeros(len(SCALAR_COLUMNS), bool)])
 
 
 @dataclass

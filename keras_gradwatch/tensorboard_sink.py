@@ -15,6 +15,8 @@ Tags (the full table with units is in docs/tensorboard.md):
 - `gradwatch/batch_{grad_norm,weight_norm,update_ratio}/<layer>` and
   `gradwatch/batch_global_grad_norm`: scalars at step = global step, written
   only with `update_freq="batch"` (every step) or an int N (every N steps).
+  Weight norm and update ratio are written at every step where they were
+  measured (see `GradWatch(weight_stats_freq=...)`), whatever `update_freq`.
 - `gradwatch/gradients/<variable.path>`: histogram at step = epoch, every
   `histogram_freq` epochs, of the gradient of the epoch's last step.
 - `gradwatch/weights/<variable.path>`: histogram at step = epoch, every
@@ -40,9 +42,9 @@ import time
 
 import numpy as np
 import tensorflow as tf
-from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.compat.proto import event_pb2, summary_pb2, types_pb2
 from tensorboard.plugins.histogram import metadata as histogram_metadata
-from tensorboard.plugins.scalar.summary_v2 import scalar_pb
+from tensorboard.plugins.scalar import metadata as scalar_metadata
 from tensorboard.plugins.text.summary_v2 import text_pb
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 from tensorboard.util import tensor_util
@@ -116,6 +118,9 @@ def histogram_value(tag: str, buckets: np.ndarray) -> summary_pb2.Summary.Value:
     )
 
 
+_SCALAR_METADATA = scalar_metadata.create_summary_metadata(display_name=None, description=None)
+
+
 class TensorBoardSink(Sink):
     """Writes GradWatch's statistics as TensorBoard summaries.
 
@@ -134,6 +139,29 @@ class TensorBoardSink(Sink):
         self.update_freq = update_freq
         self._writer = None
         self._layers: list[str] = []
+        self._described: set[str] = set()
+
+    def _scalar(self, tag: str, value) -> summary_pb2.Summary.Value:
+        """Return a scalar summary value; plugin metadata only on a tag's first one.
+
+        TensorBoard takes a tag's plugin from its first event, as
+        `tf.summary.scalar` writes it, so later events leave it out.
+        """
+        result = summary_pb2.Summary.Value(tag=tag)
+        result.tensor.dtype = types_pb2.DT_FLOAT
+        result.tensor.float_val.append(float(value))
+        if tag not in self._described:
+            result.metadata.CopyFrom(_SCALAR_METADATA)
+            self._described.add(tag)
+        return result
+
+    def _scalars(self, scope: str, stat: str, values) -> list:
+        """Return the per-layer scalars of `stat`, leaving out NaN (not measured) ones."""
+        return [
+            self._scalar(scalar_tag(scope, stat, layer), value)
+            for layer, value in zip(self._layers, values)
+            if not np.isnan(value)
+        ]
 
     def _write(self, step: int, values: list) -> None:
         if not values:
@@ -153,15 +181,16 @@ class TensorBoardSink(Sink):
     def on_step(self, record) -> None:
         if self.update_freq == "epoch":
             return
-        if self.update_freq != "batch" and record.step % self.update_freq != 0:
-            return
         values = []
-        for stat in SCALAR_STATS:
-            for layer, value in zip(self._layers, record.layer(stat)):
-                values.extend(scalar_pb(scalar_tag("batch", stat, layer), value).value)
-        values.extend(
-            scalar_pb(scalar_tag("batch", "global_grad_norm"), record.global_grad_norm).value
-        )
+        # Weight norm and update ratio at every step that measured them,
+        # gradient norms every `update_freq` steps.
+        if record.weights_measured:
+            for stat in ("weight_norm", "update_ratio"):
+                values.extend(self._scalars("batch", stat, record.layer(stat)))
+        if self.update_freq == "batch" or record.step % self.update_freq == 0:
+            values.extend(self._scalars("batch", "grad_norm", record.layer("grad_norm")))
+            global_norm = record.global_grad_norm
+            values.append(self._scalar(scalar_tag("batch", "global_grad_norm"), global_norm))
         self._write(record.step, values)
 
     def on_finding(self, finding) -> None:
@@ -172,13 +201,9 @@ class TensorBoardSink(Sink):
         median, last = summary.layers[1], summary.layers[3]
         values = []
         for stat in SCALAR_STATS:
-            column = LAYER_COLUMNS.index(stat)
             source = last if stat == "weight_norm" else median
-            for layer, value in zip(self._layers, source[:, column]):
-                values.extend(scalar_pb(scalar_tag("epoch", stat, layer), value).value)
-        values.extend(
-            scalar_pb(scalar_tag("epoch", "global_grad_norm"), summary.scalars[1, 1]).value
-        )
+            values.extend(self._scalars("epoch", stat, source[:, LAYER_COLUMNS.index(stat)]))
+        values.append(self._scalar(scalar_tag("epoch", "global_grad_norm"), summary.scalars[1, 1]))
         if watch.is_histogram_epoch(epoch):
             values.extend(self._histograms(watch))
         self._write(epoch, values)

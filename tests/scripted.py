@@ -27,6 +27,7 @@ def make_record(
     nonfinite=None,
     update_skipped=False,
     loss_seen=True,
+    weights_measured=True,
 ):
     """Build a StepRecord from per-layer values (one variable per layer)."""
     n = layout.n_variables
@@ -40,7 +41,7 @@ def make_record(
     row[:, STAT_INDEX["update_norm"]] = 1e-3 if update_norms is None else update_norms
     row[:, STAT_INDEX["has_gradient"]] = np.where(np.isnan(grad_norms), 0.0, 1.0)
     global_norm = float(np.sqrt(np.nansum(grad_norms**2)))
-    scalars = np.array([loss, global_norm, float(update_skipped)])
+    scalars = np.array([loss, global_norm, float(update_skipped), float(weights_measured)])
     return make_step_record(layout, step, epoch, row, scalars, loss_seen=loss_seen)
 
 

@@ -290,6 +290,9 @@ def test_non_tensorflow_backend_rejected():
         ({"verbose": 3}, ValueError, "verbose=3"),
         ({"buffer_steps": 1}, ValueError, "buffer_steps=1"),
         ({"buffer_steps": "256"}, ValueError, "buffer_steps='256'"),
+        ({"weight_stats_freq": -1}, ValueError, "weight_stats_freq=-1"),
+        ({"weight_stats_freq": True}, ValueError, "weight_stats_freq=True"),
+        ({"weight_stats_freq": 2.5}, ValueError, "weight_stats_freq=2.5"),
     ],
 )
 def test_invalid_arguments_rejected(kwargs, error, fragment):

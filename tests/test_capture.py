@@ -1,18 +1,29 @@
 """Statistics recorded inside the real train step, against independent computations."""
 
+import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 from conftest import build_mlp
 
-from keras_gradwatch import GradWatch
-from keras_gradwatch.records import VARIABLE_COLUMNS
+from keras_gradwatch import GradWatch, instrument
+from keras_gradwatch.records import MEASURED_VARIABLE_COLUMNS, VARIABLE_COLUMNS
+
+MEASURED = [VARIABLE_COLUMNS.index(c) for c in MEASURED_VARIABLE_COLUMNS]
+EVERY_STEP = [i for i in range(len(VARIABLE_COLUMNS)) if i not in MEASURED]
+
+# Variables up to `instrument.FUSE_LIMIT` entries share one flat vector; 0 puts
+# every variable on the path that large variables take.
+FUSE_LIMITS = [instrument.FUSE_LIMIT, 0]
 
 
 def _column(name):
     return VARIABLE_COLUMNS.index(name)
 
 
-def test_step_stats_equal_gradient_tape(regression_data):
+@pytest.mark.parametrize("fuse_limit", FUSE_LIMITS)
+def test_step_stats_equal_gradient_tape(regression_data, monkeypatch, fuse_limit):
+    monkeypatch.setattr(instrument, "FUSE_LIMIT", fuse_limit)
     x, y = regression_data
     model = build_mlp(hidden=(8, 8), optimizer="adam")
     initial = [v.numpy() for v in model.trainable_variables]
@@ -201,3 +212,64 @@ def test_repeated_fit_reuses_traced_step(regression_data):
 
     assert watch._instrument is not first
     assert [r.step for r in watch.recent_steps] == [0, 1, 2, 3]
+
+
+def _fit_records(x, y, jit_compile=False, optimizer="adam", **watch_kwargs):
+    model = build_mlp(hidden=(8, 8), optimizer=optimizer, jit_compile=jit_compile)
+    watch = GradWatch(verbose=0, update_freq="batch", **watch_kwargs)
+    model.fit(x, y, batch_size=8, epochs=2, shuffle=False, callbacks=[watch], verbose=0)
+    return watch.recent_steps, [v.numpy() for v in model.weights]
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("fuse_limit", FUSE_LIMITS)
+def test_weight_stats_on_measured_steps_only(regression_data, monkeypatch, fuse_limit, jit_compile):
+    monkeypatch.setattr(instrument, "FUSE_LIMIT", fuse_limit)
+    x, y = regression_data
+    every, every_weights = _fit_records(x, y, jit_compile, weight_stats_freq=1)
+    sampled, sampled_weights = _fit_records(x, y, jit_compile, weight_stats_freq=3)
+
+    # 8 steps per epoch: every third optimizer iteration, plus each epoch's last step.
+    measured = [r.step for r in sampled if r.weights_measured]
+    assert measured == [2, 5, 7, 8, 11, 14, 15]
+    assert all(r.weights_measured for r in every)
+    for full, record in zip(every, sampled, strict=True):
+        np.testing.assert_array_equal(
+            record.variables[:, EVERY_STEP], full.variables[:, EVERY_STEP]
+        )
+        if record.weights_measured:
+            np.testing.assert_array_equal(
+                record.variables[:, MEASURED], full.variables[:, MEASURED]
+            )
+        else:
+            assert np.all(np.isnan(record.variables[:, MEASURED]))
+        assert record.loss == full.loss
+    for a, b in zip(every_weights, sampled_weights, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_weight_stats_follow_gradient_accumulation(regression_data):
+    x, y = regression_data
+    optimizer = keras.optimizers.Adam(gradient_accumulation_steps=2)
+    records, _ = _fit_records(x, y, optimizer=optimizer, weight_stats_freq=3)
+
+    # 3 is rounded up to 4, a multiple of the 2 accumulation steps, so the
+    # measured steps are the ones that update the weights.
+    assert [r.step for r in records if r.weights_measured] == [3, 7, 11, 15]
+    for record in records:
+        if record.weights_measured:
+            assert np.all(record.variable("update_norm") > 0)
+
+
+def test_weight_stats_off(regression_data):
+    x, y = regression_data
+    model = build_mlp()
+    watch = GradWatch(verbose=0, update_freq="batch", weight_stats_freq=0)
+    model.fit(x, y, batch_size=16, epochs=2, callbacks=[watch], verbose=0)
+
+    assert watch._instrument.snapshots == []
+    for record in watch.recent_steps:
+        assert not record.weights_measured
+        assert np.all(np.isnan(record.variables[:, MEASURED]))
+        assert np.all(np.isfinite(record.variables[:, EVERY_STEP]))
+    assert watch.findings == []

@@ -22,7 +22,7 @@ def data():
 
 
 def watched_fit(model, x, y, **fit_kwargs):
-    watch = GradWatch(verbose=0, update_freq="batch")
+    watch = GradWatch(verbose=0, update_freq="batch", weight_stats_freq=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model.fit(
@@ -69,6 +69,24 @@ def test_mirrored_strategy_norms_equal_single_device(data, reference_norms):
     np.testing.assert_allclose(
         [r.loss for r in watch.recent_steps], [r.loss for r in single.recent_steps], rtol=1e-5
     )
+
+
+def test_mirrored_strategy_measures_weights_on_same_steps(data):
+    x, y = data
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        model = build_mlp(hidden=(8,))
+    runs = []
+    for model in (model, build_mlp(hidden=(8,))):
+        watch = GradWatch(verbose=0, update_freq="batch", weight_stats_freq=3)
+        model.fit(x, y, batch_size=16, epochs=2, shuffle=False, callbacks=[watch], verbose=0)
+        runs.append(watch.recent_steps)
+
+    mirrored, single = runs
+    assert [r.step for r in mirrored if r.weights_measured] == [2, 3, 5, 7]
+    for a, b in zip(mirrored, single, strict=True):
+        assert a.weights_measured == b.weights_measured
+        np.testing.assert_allclose(a.layer("update_norm"), b.layer("update_norm"), rtol=1e-5)
 
 
 def test_mixed_precision_reports_unscaled_gradients(data, reference_norms):
@@ -353,7 +371,7 @@ def test_loss_scale_overflow_counted_not_reported(data):
         model.compile(optimizer, "mse")
     finally:
         keras.mixed_precision.set_global_policy("float32")
-    watch = GradWatch(verbose=0, update_freq="batch")
+    watch = GradWatch(verbose=0, update_freq="batch", weight_stats_freq=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model.fit(x, y, batch_size=4, epochs=3, shuffle=False, callbacks=[watch], verbose=0)

@@ -77,11 +77,13 @@ class GradWatch(keras.callbacks.Callback):
     backward pass, and training is numerically unchanged. After `fit` the
     stock train function is back in place.
 
-    Per trainable variable and step, the graph computes the gradient L2 norm,
-    max |g| and the count of non-finite gradient entries, plus the global
-    gradient norm and the batch loss. Every `weight_stats_freq` steps it
-    also computes the fraction of exactly-zero gradient entries, the weight
-    L2 norm after the update and the update norm ||w_after - w_before||.
+    Per trainable variable and step, the graph computes the gradient L2 norm
+    and the count of non-finite gradient entries, plus the global gradient
+    norm and the batch loss. Every `weight_stats_freq` steps it also computes
+    max |g|, the fraction of exactly-zero gradient entries, the weight L2 norm
+    after the update and the update norm ||w_after - w_before||. max |g| is
+    also computed on any step where a gradient norm is 0 or not finite, and
+    on every step when the optimizer clips by value.
     Gradients are unscaled first when a `LossScaleOptimizer` scales the loss.
     These numbers stay in a ring buffer on the device until the host reads
     them (see `update_freq`).
@@ -122,8 +124,8 @@ class GradWatch(keras.callbacks.Callback):
             are emitted whatever the verbosity.
         buffer_steps: steps the device ring buffer holds. Defaults to `256`.
             Memory on the device is `buffer_steps * n_variables * 7` floats.
-        weight_stats_freq: compute the weight norm, the update norm and the
-            fraction of zero gradient entries every this many steps, and at
+        weight_stats_freq: compute the weight norm, the update norm, max |g|
+            and the fraction of zero gradient entries every this many steps, and at
             the last step of each epoch; `1` computes them every step and `0`
             never. Defaults to `10`. The update norm needs a copy of the
             weights taken before the optimizer writes them, which costs a
@@ -365,6 +367,9 @@ class GradWatch(keras.callbacks.Callback):
         self._steps_per_execution = int(getattr(model, "steps_per_execution", 1) or 1)
         capacity = max(self.buffer_steps, 2 * self._steps_per_execution)
         guard = self.policies["nonfinite"] != "warn"
+        self._clipping = _clipping_setting(model.optimizer)
+        # Counting the steps that `clipvalue` clips needs max |g| every step.
+        max_every_step = self._clipping is not None and self._clipping[0] == "clipvalue"
         store = self.log_dir is not None and self.histogram_freq > 0
         # Reuse the instrumented (already traced) train function when nothing
         # that it captured has changed since the last `fit`, so that repeated
@@ -378,6 +383,7 @@ class GradWatch(keras.callbacks.Callback):
             store,
             self.log_grad_norm,
             self.weight_stats_freq,
+            max_every_step,
         )
         cached = self._cached_instrument
         if cached is not None and cached[0] == key and cached[1].can_reinstall():
@@ -391,12 +397,12 @@ class GradWatch(keras.callbacks.Callback):
                 guard_nonfinite=guard,
                 log_grad_norm=self.log_grad_norm,
                 measure_every=self.weight_stats_freq,
+                max_every_step=max_every_step,
                 store_gradients=store,
             )
             self._instrument.install()
             self._cached_instrument = (key, self._instrument)
         loss_scaling = isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
-        self._clipping = _clipping_setting(model.optimizer)
         self._detectors = []
         for detector_class in detectors_lib.DEFAULT_DETECTORS:
             if detector_class is detectors_lib.NonFiniteDetector:

@@ -57,6 +57,8 @@ class StepInstrument:
             never computes them. With gradient accumulation it is rounded up
             to a multiple of the accumulation steps. Any value but 0 keeps a
             copy of the trainable weights on the device, for the update norm.
+        max_every_step: when True, max |g| is computed on every step, not
+            only on measured steps and where a norm is 0 or not finite.
         store_gradients: when True, a copy of every gradient is kept on the
             device in `gradient_store`, overwritten only by steps that run
             while `store_armed` is True. This costs one extra copy of the
@@ -72,6 +74,7 @@ class StepInstrument:
         guard_nonfinite: bool,
         log_grad_norm: bool = False,
         measure_every: int = 1,
+        max_every_step: bool = False,
         store_gradients: bool = False,
     ):
         self.model = model
@@ -82,6 +85,7 @@ class StepInstrument:
         self._index = {id(v): i for i, v in enumerate(self.variables)}
         self._sizes = [int(np.prod(v.shape)) for v in self.variables]
         self.measure_every = _round_to_accumulation(int(measure_every), model.optimizer)
+        self.max_every_step = max_every_step
         self._original_train_function = None
         self._instrumented_function = None
         self._installed = False
@@ -207,38 +211,56 @@ class StepInstrument:
         if self.gradient_store is not None:
             self._store_gradients(unscaled, variables)
 
-        # Every step: L2 norm and max |g|. Small variables share one flat
-        # vector with a segment each, which keeps the op count low for models
-        # with many small layers; large and sparse gradients get their own
-        # reductions.
+        # Every step: the L2 norm. Small variables share one flat vector with
+        # a segment each, which keeps the op count low for models with many
+        # small layers; large and sparse gradients get their own reductions.
         values = {}
-        core_rows = []
+        norm_parts = []
         if fused:
             fused_ids = stats_lib.segment_ids([self._sizes[i] for i in fused])
             fused_flat = tf.concat([stats_lib.flat32(gradients[i]) for i in fused], axis=0)
-            core_rows.append(stats_lib.segment_core_stats(fused_flat, fused_ids, len(fused)))
+            norm_parts.append(stats_lib.segment_l2_norm(fused_flat, fused_ids, len(fused)))
         for i in separate:
             gradient = gradients[i]
             if isinstance(gradient, tf.IndexedSlices):
                 gradient = stats_lib.summed_rows(gradient)
             values[i] = stats_lib.flat32(gradient)
-            core_rows.append(stats_lib.core_stats(values[i])[None])
-        core = tf.concat(core_rows, axis=0) if core_rows else tf.zeros([0, 2])
+            norm_parts.append(stats_lib.l2_norm(values[i])[None])
+        norms = tf.concat(norm_parts, axis=0) if norm_parts else tf.zeros([0])
+        measure = self._measure_condition(optimizer)
 
-        # A finite sum of squares means every entry is finite, so the entries
-        # are counted only when a norm is not finite.
-        def count_nonfinite():
-            counts = []
+        def per_variable(segment_fn, dense_fn):
+            parts = []
             if fused:
-                counts.append(stats_lib.segment_nonfinite_count(fused_flat, fused_ids, len(fused)))
-            counts.extend(stats_lib.nonfinite_count(values[i])[None] for i in separate)
-            return tf.concat(counts, axis=0)
+                parts.append(segment_fn(fused_flat, fused_ids, len(fused)))
+            parts.extend(dense_fn(values[i])[None] for i in separate)
+            return tf.concat(parts, axis=0)
 
+        def count_nonfinite():
+            return per_variable(stats_lib.segment_nonfinite_count, stats_lib.nonfinite_count)
+
+        def max_abs():
+            return per_variable(stats_lib.segment_max_abs, stats_lib.max_abs)
+
+        nan = tf.constant(float("nan"))
         if n_with:
-            norms_finite = tf.reduce_all(tf.math.is_finite(core[:, 0]))
+            # A finite sum of squares means every entry is finite, so the
+            # entries are counted only when a norm is not finite.
+            norms_finite = tf.reduce_all(tf.math.is_finite(norms))
             nonfinite = tf.cond(norms_finite, lambda: tf.zeros([n_with]), count_nonfinite)
+            # max |g| on measured steps, and wherever a norm is 0 or not
+            # finite: only max |g| tells an all-zero gradient from one whose
+            # squares underflow.
+            need_max = measure
+            if not isinstance(measure, bool) or not measure:
+                unusual = tf.logical_not(tf.reduce_all(norms > 0.0))
+                need_max = unusual if isinstance(measure, bool) else measure | unusual
+            if self.max_every_step:
+                need_max = True
+            maxes = _when(need_max, max_abs, lambda: tf.fill([n_with], nan))
         else:
             nonfinite = tf.zeros([0])
+            maxes = tf.zeros([0])
 
         step_finite = tf.reduce_all(tf.equal(nonfinite, 0.0))
         if state.loss is not None:
@@ -246,8 +268,6 @@ class StepInstrument:
             step_finite = tf.logical_and(step_finite, loss_finite)
 
         # Measured steps: copy the weights before the update, for the update norm.
-        measure = self._measure_condition(optimizer)
-
         def take_snapshot():
             for i in fused + separate:
                 self.snapshots[i].assign(self.variables[i].value)
@@ -256,8 +276,6 @@ class StepInstrument:
         snapshot = _when(measure, take_snapshot, lambda: tf.constant(False))
         with tf.control_dependencies([snapshot]):
             skipped = self._apply_update(original_apply, optimizer, grads, variables, step_finite)
-
-        nan = tf.constant(float("nan"))
 
         def measure_weights():
             rows = []
@@ -289,7 +307,7 @@ class StepInstrument:
 
         with tf.control_dependencies([skipped]):
             weight_table = _when(measure, measure_weights, not_measured)
-        gradient_table = tf.concat([core, nonfinite[:, None], tf.ones([n_with, 1])], axis=1)
+        gradient_table = tf.stack([norms, maxes, nonfinite, tf.ones([n_with])], axis=1)
         if without:
             missing = tf.stack([nan, nan, nan, 0.0])
             gradient_table = tf.concat(
@@ -302,7 +320,7 @@ class StepInstrument:
         table = tf.gather(table, tf.constant(position, tf.int32))
 
         state.variable_stats = table
-        state.global_grad_norm = tf.norm(core[:, 0])
+        state.global_grad_norm = tf.norm(norms)
         state.update_skipped = skipped
         state.weights_measured = measure
         self.optimizer_apply_seen = True

@@ -33,8 +33,15 @@ LAYER_COLUMNS = (
 SCALAR_COLUMNS = ("loss", "global_grad_norm", "update_skipped")
 # Columns computed on measured steps only (see `GradWatch(weight_stats_freq=...)`);
 # NaN on the other steps.
-MEASURED_VARIABLE_COLUMNS = ("grad_zero_fraction", "weight_norm", "update_norm", "update_ratio")
-MEASURED_LAYER_COLUMNS = ("weight_norm", "update_norm", "update_ratio")
+# `grad_max` is also computed on other steps where a norm is 0 or not finite.
+MEASURED_VARIABLE_COLUMNS = (
+    "grad_max",
+    "grad_zero_fraction",
+    "weight_norm",
+    "update_norm",
+    "update_ratio",
+)
+MEASURED_LAYER_COLUMNS = ("grad_max", "weight_norm", "update_norm", "update_ratio")
 AGGREGATES = ("min", "median", "max", "last")
 
 

@@ -6,15 +6,17 @@ the host.
 
 The statistics come in two sets, by cost:
 
-- every step: the gradient L2 norm and max |g|. Two passes over the gradient
-  that write nothing: a matrix product of the flattened gradient with itself
-  for the sum of squares, and a max and a min. The count of non-finite
-  entries follows from the norm: a finite sum of squares means every entry is
-  finite, so the entries are counted only when the norm is not finite.
-- measured steps only (see `GradWatch(weight_stats_freq=...)`): the fraction
-  of exactly-zero gradient entries, the weight norm after the update and the
-  update norm. The update norm needs a copy of the weights taken before the
-  optimizer writes them.
+- every step: the gradient L2 norm, in one pass over the gradient that
+  writes nothing (a matrix product of the flattened gradient with itself).
+  The count of non-finite entries follows from it: a finite sum of squares
+  means every entry is finite, so the entries are counted only when a norm is
+  not finite. Likewise max |g| (a max and a min) is computed when a norm is 0
+  or not finite, where it tells an all-zero gradient from one whose squares
+  underflow.
+- measured steps only (see `GradWatch(weight_stats_freq=...)`): max |g|, the
+  fraction of exactly-zero gradient entries, the weight norm after the update
+  and the update norm. The update norm needs a copy of the weights taken
+  before the optimizer writes them.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import tensorflow as tf
 # the column names of `GradWatch.to_dataframe()` and the keys of the report.
 VARIABLE_STATS = (
     "grad_norm",  # L2 norm of the gradient.
-    "grad_max",  # max |g|; with NaN entries, NaN or the max of the others.
+    "grad_max",  # max |g| (see the module docstring for the steps that compute it).
     "grad_nonfinite",  # count of NaN or Inf gradient entries.
     "grad_zero_fraction",  # fraction of gradient entries that are exactly 0 (measured steps).
     "weight_norm",  # L2 norm of the variable after the update (measured steps).
@@ -136,13 +138,22 @@ def segment_ids(sizes: list[int]) -> tf.Tensor:
     return tf.constant(ids, tf.int32)
 
 
-def segment_core_stats(flat: tf.Tensor, ids: tf.Tensor, n: int) -> tf.Tensor:
-    """Return `(n, 2)` rows of `[L2 norm, max |g|]` of the segments of `flat`."""
-    norm = tf.sqrt(tf.math.unsorted_segment_sum(tf.square(flat), ids, n))
+def segment_l2_norm(flat: tf.Tensor, ids: tf.Tensor, n: int) -> tf.Tensor:
+    """Return the L2 norm of each segment of `flat`."""
+    return tf.sqrt(tf.math.unsorted_segment_sum(tf.square(flat), ids, n))
+
+
+def segment_max_abs(flat: tf.Tensor, ids: tf.Tensor, n: int) -> tf.Tensor:
+    """Return max |x| of each segment of `flat`."""
     largest = tf.maximum(
         tf.math.unsorted_segment_max(flat, ids, n), -tf.math.unsorted_segment_min(flat, ids, n)
     )
-    return tf.stack([norm, tf.maximum(largest, 0.0)], axis=1)
+    return tf.maximum(largest, 0.0)
+
+
+def segment_core_stats(flat: tf.Tensor, ids: tf.Tensor, n: int) -> tf.Tensor:
+    """Return `(n, 2)` rows of `[L2 norm, max |g|]` of the segments of `flat`."""
+    return tf.stack([segment_l2_norm(flat, ids, n), segment_max_abs(flat, ids, n)], axis=1)
 
 
 def segment_nonfinite_count(flat: tf.Tensor, ids: tf.Tensor, n: int) -> tf.Tensor:

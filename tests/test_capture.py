@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 from conftest import build_mlp
 
-from keras_gradwatch import GradWatch, instrument
+from keras_gradwatch import GradWatch, Thresholds, instrument
 from keras_gradwatch.records import MEASURED_VARIABLE_COLUMNS, VARIABLE_COLUMNS
 
 MEASURED = [VARIABLE_COLUMNS.index(c) for c in MEASURED_VARIABLE_COLUMNS]
@@ -273,3 +273,48 @@ def test_weight_stats_off(regression_data):
         assert np.all(np.isnan(record.variables[:, MEASURED]))
         assert np.all(np.isfinite(record.variables[:, EVERY_STEP]))
     assert watch.findings == []
+
+
+def _scaled_model(scale):
+    """An MLP whose first layer's output is multiplied by `scale`."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(8, name="first"),
+            keras.layers.Lambda(lambda t: t * scale, name="scale"),
+            keras.layers.Dense(8, activation="tanh", name="middle"),
+            keras.layers.Dense(1, name="out"),
+        ]
+    )
+    model.compile("adam", "mse")
+    return model
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-30])
+def test_max_abs_computed_where_a_norm_is_zero(regression_data, scale):
+    x, y = regression_data
+    model = _scaled_model(scale)
+    thresholds = Thresholds(dead_steps=5)
+    watch = GradWatch(verbose=0, update_freq="batch", weight_stats_freq=3, thresholds=thresholds)
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, callbacks=[watch], verbose=0)
+
+    kernel = [v.path for v in watch.layout.variables].index(model.layers[0].kernel.path)
+    for record in watch.recent_steps:
+        # The kernel's entries are about 1e-30 or exactly 0, so the float32 sum
+        # of squares is 0 either way; max |g| is computed on every step and
+        # tells the two apart.
+        assert record.variable("grad_norm")[kernel] == 0.0
+        assert np.all(np.isfinite(record.variable("grad_max")))
+        assert (record.variable("grad_max")[kernel] > 0) == (scale > 0)
+    dead = [f for f in watch.findings if f.kind == "dead_layer"]
+    assert [f.layers for f in dead] == ([("first",)] if scale == 0 else [])
+
+
+def test_max_abs_every_step_with_clipvalue(regression_data):
+    x, y = regression_data
+    optimizer = keras.optimizers.SGD(0.01, clipvalue=0.05)
+    records, _ = _fit_records(x, y, optimizer=optimizer, weight_stats_freq=3)
+
+    assert not all(r.weights_measured for r in records)
+    assert all(np.all(np.isfinite(r.variable("grad_max"))) for r in records)

@@ -75,9 +75,9 @@ def test_mirrored_strategy_measures_weights_on_same_steps(data):
     x, y = data
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     with strategy.scope():
-        model = build_mlp(hidden=(8,))
+        mirrored_model = build_mlp(hidden=(8,))
     runs = []
-    for model in (model, build_mlp(hidden=(8,))):
+    for model in (mirrored_model, build_mlp(hidden=(8,))):
         watch = GradWatch(verbose=0, update_freq="batch", weight_stats_freq=3)
         model.fit(x, y, batch_size=16, epochs=2, shuffle=False, callbacks=[watch], verbose=0)
         runs.append(watch.recent_steps)

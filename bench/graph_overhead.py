@@ -39,14 +39,14 @@ DEFAULT_BLOCKS = {"tiny": 100, "mlp": 5, "cnn": 10, "lstm": 15}
 WARMUP_CALLS = 5
 
 
-def build_train_function(workload, instrumented: bool, seed: int):
+def build_train_function(workload, instrumented: bool, seed: int, **watch_kwargs):
     """Return a model's train function and an endless iterator over its data."""
     keras.utils.set_random_seed(seed)
     x, y = workloads.make_data(workload, 4, seed)
     model = workload.build()
     model.fit(x, y, epochs=1, batch_size=workload.batch_size, verbose=0)
     if instrumented:
-        watch = GradWatch(verbose=0)
+        watch = GradWatch(verbose=0, **watch_kwargs)
         watch.set_model(model)
         # Installs the instrumented train function, which stays in place
         # because `on_train_end` is never called.
@@ -82,6 +82,12 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="TensorFlow intra-op and inter-op threads (default: 0, TensorFlow's own choice)",
     )
+    parser.add_argument(
+        "--weight-stats-freq",
+        default=None,
+        help="comma-separated `weight_stats_freq` values, one instrumented train function "
+        "each (default: GradWatch's default only)",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
@@ -90,13 +96,19 @@ def main(argv: list[str] | None = None) -> int:
 
     workload = workloads.WORKLOADS[args.model]
     block = args.block or DEFAULT_BLOCKS[args.model]
-    functions = {
-        "plain": build_train_function(workload, instrumented=False, seed=args.seed),
-        "gradwatch": build_train_function(workload, instrumented=True, seed=args.seed),
-    }
+    functions = {"plain": build_train_function(workload, instrumented=False, seed=args.seed)}
+    if args.weight_stats_freq is None:
+        functions["gradwatch"] = build_train_function(workload, True, args.seed)
+    else:
+        for value in args.weight_stats_freq.split(","):
+            functions[f"freq={value}"] = build_train_function(
+                workload, True, args.seed, weight_stats_freq=int(value)
+            )
     samples = {name: ([], []) for name in functions}
     for round_index in range(args.rounds):
-        order = list(functions) if round_index % 2 == 0 else list(reversed(functions))
+        # Rotate the order each round, so drifting load reaches every function alike.
+        shift = round_index % len(functions)
+        order = list(functions)[shift:] + list(functions)[:shift]
         for name in order:
             wall, cpu = time_block(*functions[name], block)
             samples[name][0].append(wall)
@@ -111,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for name, (walls, cpus) in samples.items():
         print(
-            f"  {name:9s} wall {statistics.median(walls):8.3f} ms/step "
+            f"  {name:10s} wall {statistics.median(walls):8.3f} ms/step "
             f"(ratio {statistics.median(walls) / plain_wall:.3f}), "
             f"min {min(walls):8.3f} (ratio {min(walls) / plain_min:.3f}), "
             f"CPU {statistics.median(cpus):8.3f} ms/step "

@@ -123,7 +123,8 @@ class GradWatch(keras.callbacks.Callback):
             read of the device buffer at DEBUG level. Warnings for findings
             are emitted whatever the verbosity.
         buffer_steps: steps the device ring buffer holds. Defaults to `256`.
-            Memory on the device is `buffer_steps * n_variables * 7` floats.
+            Memory on the device is
+            `buffer_steps * (7 * n_variables + 4)` floats.
         weight_stats_freq: compute the weight norm, the update norm, max |g|
             and the fraction of zero gradient entries every this many steps, and at
             the last step of each epoch; `1` computes them every step and `0`
@@ -312,29 +313,7 @@ class GradWatch(keras.callbacks.Callback):
                         ],
                     }
                 )
-        epochs = []
-        for summary in self._summaries:
-            per_layer = {}
-            for i, name in enumerate(layout.layers):
-                per_layer[name] = {
-                    f"{column}_{aggregate}": F.json_number(summary.layers[a, i, c])
-                    for c, column in enumerate(LAYER_COLUMNS)
-                    for a, aggregate in enumerate(AGGREGATES)
-                }
-            epochs.append(
-                {
-                    "epoch": summary.epoch,
-                    "steps": summary.steps,
-                    "first_step": summary.first_step,
-                    "last_step": summary.last_step,
-                    "loss_mean": F.json_number(summary.loss_mean),
-                    "global_grad_norm_median": F.json_number(
-                        summary.scalars[1, SCALAR_COLUMNS.index("global_grad_norm")]
-                    ),
-                    "skipped_updates": summary.skipped_updates,
-                    "layers": per_layer,
-                }
-            )
+        epochs = [self.epoch_report(summary) for summary in self._summaries]
         return {
             "version": REPORT_VERSION,
             "steps": self._next_step,
@@ -354,6 +333,28 @@ class GradWatch(keras.callbacks.Callback):
             "layers": layers,
             "epochs": epochs,
             "findings": [f.to_dict() for f in self.findings],
+        }
+
+    def epoch_report(self, summary: EpochSummary) -> dict:
+        """Return the entry of `report()["epochs"]` for one epoch's summary."""
+        per_layer = {}
+        for i, name in enumerate(self._layout.layers):
+            per_layer[name] = {
+                f"{column}_{aggregate}": F.json_number(summary.layers[a, i, c])
+                for c, column in enumerate(LAYER_COLUMNS)
+                for a, aggregate in enumerate(AGGREGATES)
+            }
+        return {
+            "epoch": summary.epoch,
+            "steps": summary.steps,
+            "first_step": summary.first_step,
+            "last_step": summary.last_step,
+            "loss_mean": F.json_number(summary.loss_mean),
+            "global_grad_norm_median": F.json_number(
+                summary.scalars[1, SCALAR_COLUMNS.index("global_grad_norm")]
+            ),
+            "skipped_updates": summary.skipped_updates,
+            "layers": per_layer,
         }
 
     # -- Keras hooks ------------------------------------------------------

@@ -96,15 +96,13 @@ class StepInstrument:
 
         n_vars = len(self.variables)
         with tf.init_scope():
-            self.variable_buffer = tf.Variable(
-                tf.zeros([self.capacity, n_vars, len(stats_lib.VARIABLE_STATS)]),
+            # One row per step: the per-variable statistics, flattened, then
+            # the step scalars. One buffer, so the host reads it in one call.
+            self.row_width = n_vars * len(stats_lib.VARIABLE_STATS) + len(stats_lib.STEP_SCALARS)
+            self.buffer = tf.Variable(
+                tf.zeros([self.capacity, self.row_width]),
                 trainable=False,
-                name="gradwatch_variable_stats",
-            )
-            self.scalar_buffer = tf.Variable(
-                tf.zeros([self.capacity, len(stats_lib.STEP_SCALARS)]),
-                trainable=False,
-                name="gradwatch_step_scalars",
+                name="gradwatch_step_records",
             )
             self.steps_written = tf.Variable(
                 tf.constant(0, tf.int64), trainable=False, name="gradwatch_steps"
@@ -417,9 +415,9 @@ class StepInstrument:
         # slice assignment at compile time and would compile the step again
         # for every slot.
         slot = tf.cast(tf.math.floormod(self.steps_written, self.capacity), tf.int32)[None]
-        self.variable_buffer.scatter_update(tf.IndexedSlices(rows[None], slot))
         scalars = tf.stack([loss, global_grad_norm, skipped, measured])
-        self.scalar_buffer.scatter_update(tf.IndexedSlices(scalars[None], slot))
+        row = tf.concat([tf.reshape(rows, [-1]), scalars], axis=0)
+        self.buffer.scatter_update(tf.IndexedSlices(row[None], slot))
         self.steps_written.assign_add(1)
 
     # -- host side --------------------------------------------------------
@@ -441,11 +439,15 @@ class StepInstrument:
             empty_scalars = np.zeros((0, len(stats_lib.STEP_SCALARS)), np.float32)
             return first, empty_vars, empty_scalars, lost
         slots = np.arange(first, written) % self.capacity
-        # Gather the rows on the device, so only the unread steps are copied.
-        indices = tf.constant(slots, tf.int32)
-        variable_rows = tf.gather(self.variable_buffer, indices).numpy()
-        scalar_rows = tf.gather(self.scalar_buffer, indices).numpy()
-        return first, variable_rows, scalar_rows, lost
+        if self.capacity * self.row_width <= FULL_READ_LIMIT:
+            # One read of a small buffer costs less than a gather on the device.
+            rows = self.buffer.numpy()[slots]
+        else:
+            # Only the unread rows are copied from the device.
+            rows = tf.gather(self.buffer, tf.constant(slots, tf.int32)).numpy()
+        n_stats = len(self.variables) * len(stats_lib.VARIABLE_STATS)
+        variable_rows = rows[:, :n_stats].reshape(len(slots), len(self.variables), -1)
+        return first, variable_rows, rows[:, n_stats:], lost
 
     def steps_written_now(self) -> int:
         return int(self.steps_written.numpy())
@@ -483,6 +485,10 @@ def record_loss(loss):
         state.loss = loss
     return loss
 
+
+# Ring buffers of at most this many entries (256 KiB of float32) are read
+# whole: one read op costs less than a gather on the device.
+FULL_READ_LIMIT = 1 << 16
 
 # Variables with at most this many entries have their statistics computed
 # together, in one flat vector; larger ones one by one, without the copy.

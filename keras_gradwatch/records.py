@@ -119,24 +119,23 @@ class ModelLayout:
         """
         squares = np.square(per_variable.astype(np.float64))
         present = ~np.isnan(squares)
-        sums = np.zeros(self.n_layers)
-        counts = np.zeros(self.n_layers)
-        np.add.at(sums, self.layer_index, np.where(present, squares, 0.0))
-        np.add.at(counts, self.layer_index, present)
+        sums = self._layer_sum(np.where(present, squares, 0.0))
+        counts = self._layer_sum(present)
         with np.errstate(invalid="ignore"):
             return np.where(counts > 0, np.sqrt(sums), np.nan)
 
     def combine_max(self, per_variable: np.ndarray) -> np.ndarray:
+        """Per-layer maximum, NaN entries left out; NaN for a layer with none."""
         out = np.full(self.n_layers, np.nan)
-        for i, value in zip(self.layer_index, per_variable):
-            if not np.isnan(value):
-                out[i] = value if np.isnan(out[i]) else max(out[i], value)
+        np.fmax.at(out, self.layer_index, per_variable)
         return out
 
     def combine_sum(self, per_variable: np.ndarray) -> np.ndarray:
-        out = np.zeros(self.n_layers)
-        np.add.at(out, self.layer_index, np.nan_to_num(per_variable, nan=0.0))
-        return out
+        """Per-layer sum, NaN entries counted as 0."""
+        return self._layer_sum(np.nan_to_num(per_variable, nan=0.0))
+
+    def _layer_sum(self, per_variable: np.ndarray) -> np.ndarray:
+        return np.bincount(self.layer_index, weights=per_variable, minlength=self.n_layers)
 
 
 @dataclass

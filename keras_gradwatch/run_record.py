@@ -10,7 +10,11 @@
   written and the file is fsync-ed at each epoch end, so a process that dies
   leaves every line written before it died.
 - `report.json`, the value of `GradWatch.report()`, replaced atomically when
-  training begins, at each epoch end and when training ends.
+  training begins, at the end of the first epoch, at later epoch ends once
+  `REPORT_INTERVAL` seconds have passed since the last replacement, and when
+  training ends. Its size grows with the epochs, so rewriting it at every
+  epoch end would cost time that grows with the square of the epochs; the
+  JSON Lines file gets every epoch as it ends.
 
 Each `fit` call starts both files anew, as `keras.callbacks.CSVLogger` does
 by default, so that they always describe the same run. Non-finite numbers are
@@ -41,6 +45,8 @@ from keras_gradwatch.sinks import Sink
 
 RECORD_FILE = "gradwatch.jsonl"
 REPORT_FILE = "report.json"
+# Least seconds between two replacements of report.json at epoch ends.
+REPORT_INTERVAL = 10.0
 # Version of the line format of `gradwatch.jsonl`; `report.json` carries the
 # version of `GradWatch.report()` in its own `version` field.
 RECORD_VERSION = 1
@@ -119,6 +125,8 @@ class RunRecordSink(Sink):
         self._file = None
         self._update_freq: str | int = "epoch"
         self._epochs_written = 0
+        self._report_epochs = 0
+        self._report_time = 0.0
 
     def open(self, watch) -> None:
         import keras
@@ -167,10 +175,11 @@ class RunRecordSink(Sink):
         self._write({"type": "finding", **finding.to_dict()})
 
     def on_epoch(self, summary, watch) -> None:
-        report = watch.report()
-        self._write_new_epochs(report)
+        self._write_new_epochs(watch)
         self._sync()
-        self._write_report(report)
+        due = time.monotonic() - self._report_time >= REPORT_INTERVAL
+        if self._report_epochs == 0 or due:
+            self._write_report(watch.report())
 
     def close(self, watch) -> None:
         if self._file is None:
@@ -178,7 +187,7 @@ class RunRecordSink(Sink):
         report = watch.report()
         # A "raise" policy that fires in the epoch-end checks ends the run
         # before `on_epoch`, so that epoch's line is written here.
-        self._write_new_epochs(report)
+        self._write_new_epochs(watch)
         model = getattr(watch, "model", None)
         totals = {key: value for key, value in report.items() if key not in RUN_END_OMITS}
         self._write(
@@ -196,12 +205,16 @@ class RunRecordSink(Sink):
         # is then complete even if the process dies before report.json is replaced.
         self._write_report(report)
 
-    def _write_new_epochs(self, report: dict) -> None:
-        """Write an epoch line for each epoch of `report` not written yet."""
-        counts = [_finding_counts(finding) for finding in report["findings"]]
-        for entry in report["epochs"][self._epochs_written :]:
+    def _write_new_epochs(self, watch) -> None:
+        """Write an epoch line for each epoch of `watch` not written yet."""
+        summaries = watch.epochs[self._epochs_written :]
+        if not summaries:
+            return
+        counts = [_finding_counts(finding.to_dict()) for finding in watch.findings]
+        for summary in summaries:
+            entry = watch.epoch_report(summary)
             self._write({"type": "epoch", **entry, "time": time.time(), "findings": counts})
-        self._epochs_written = len(report["epochs"])
+        self._epochs_written += len(summaries)
 
     def _write(self, data: dict) -> None:
         line = json.dumps(to_strict_json(data), allow_nan=False, separators=(",", ":"))
@@ -223,6 +236,8 @@ class RunRecordSink(Sink):
                 file.flush()
                 os.fsync(file.fileno())
             os.replace(temporary, self.report_path)
+            self._report_epochs = len(report["epochs"])
+            self._report_time = time.monotonic()
         except BaseException:
             if os.path.exists(temporary):
                 os.remove(temporary)

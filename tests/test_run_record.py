@@ -11,7 +11,7 @@ from conftest import build_mlp
 from test_callback import diverging_regression
 
 import keras_gradwatch as kg
-from keras_gradwatch import GradWatch, Thresholds
+from keras_gradwatch import GradWatch, Thresholds, run_record
 from keras_gradwatch.run_record import (
     RECORD_FILE,
     REPORT_FILE,
@@ -121,12 +121,25 @@ def test_record_follows_training(tmp_path, regression_data):
     report_totals = set(watch.report()) - set(RUN_END_OMITS)
     assert set(end) == {"type", "time", "stop_training"} | report_totals
 
-    # Each epoch's line and report are on disk when the next callback runs.
+    # Each epoch's line is on disk when the next callback runs. report.json is
+    # replaced at the first epoch end, then at most every REPORT_INTERVAL
+    # seconds, which this short run never reaches.
     assert probe.epoch_lines == [1, 2, 3]
-    assert probe.report_epochs == [0, 1, 2, 3]
+    assert probe.report_epochs == [0, 1, 1, 1]
     # The final report.json is the in-process report, after a JSON round trip.
     assert read_report(tmp_path) == in_json(watch.report())
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_report_replaced_after_interval(tmp_path, regression_data, monkeypatch):
+    monkeypatch.setattr(run_record, "REPORT_INTERVAL", 0.0)
+    x, y = regression_data
+    model = build_mlp(hidden=(8,))
+    watch = GradWatch(log_dir=tmp_path, verbose=0)
+    probe = RecordProbe(tmp_path)
+    model.fit(x, y, batch_size=16, epochs=3, callbacks=[watch, probe], verbose=0)
+
+    assert probe.report_epochs == [0, 1, 2, 3]
 
 
 def test_int_update_freq_samples_steps(tmp_path, regression_data):

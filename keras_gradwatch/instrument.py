@@ -109,11 +109,27 @@ class StepInstrument:
             )
             self.finite_so_far = tf.Variable(True, trainable=False, name="gradwatch_finite")
             self.measure_armed = tf.Variable(False, trainable=False, name="gradwatch_measure")
+            # Weights before the update, for the update norm: the small
+            # variables in one flat vector (one copy op), the others one each.
             self.snapshots = []
+            self.small_snapshot = None
+            small = [i for i, size in enumerate(self._sizes) if size <= FUSE_LIMIT]
+            self._small = small
+            offsets = np.cumsum([0] + [self._sizes[i] for i in small])
+            self._small_offset = {i: int(offset) for i, offset in zip(small, offsets)}
             if self.measure_every:
+                self.small_snapshot = tf.Variable(
+                    tf.zeros([sum(self._sizes[i] for i in small)], tf.float32),
+                    trainable=False,
+                    name="gradwatch_prior_small",
+                )
                 self.snapshots = [
-                    tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False, name="gradwatch_prior")
-                    for v in self.variables
+                    None
+                    if i in self._small_offset
+                    else tf.Variable(
+                        tf.zeros(v.shape, v.dtype), trainable=False, name="gradwatch_prior"
+                    )
+                    for i, v in enumerate(self.variables)
                 ]
             self.gradient_store = None
             self.store_armed = None
@@ -267,9 +283,20 @@ class StepInstrument:
 
         # Measured steps: copy the weights before the update, for the update norm.
         def take_snapshot():
+            if self._small:
+                small = [stats_lib.flat32(self.variables[i].value) for i in self._small]
+                self.small_snapshot.assign(tf.concat(small, axis=0))
             for i in fused + separate:
-                self.snapshots[i].assign(self.variables[i].value)
+                if self.snapshots[i] is not None:
+                    self.snapshots[i].assign(self.variables[i].value)
             return tf.constant(True)
+
+        def before(i):
+            """Flat float32 weights of variable i before the update."""
+            if self.snapshots[i] is not None:
+                return stats_lib.flat32(self.snapshots[i])
+            start = self._small_offset[i]
+            return self.small_snapshot[start : start + self._sizes[i]]
 
         snapshot = _when(measure, take_snapshot, lambda: tf.constant(False))
         with tf.control_dependencies([snapshot]):
@@ -280,10 +307,14 @@ class StepInstrument:
             if fused:
                 sizes = [self._sizes[i] for i in fused]
                 after = tf.concat([stats_lib.flat32(self.variables[i].value) for i in fused], 0)
-                before = tf.concat([stats_lib.flat32(self.snapshots[i]) for i in fused], 0)
+                if fused == self._small:
+                    fused_before = tf.convert_to_tensor(self.small_snapshot)
+                else:
+                    fused_before = tf.concat([before(i) for i in fused], axis=0)
                 zeros = stats_lib.segment_zero_count(fused_flat, fused_ids, len(fused))
                 zero_fraction = zeros / tf.constant(sizes, tf.float32)
-                norms = stats_lib.segment_norms(tf.stack([after, after - before], axis=1), sizes)
+                update = after - fused_before
+                norms = stats_lib.segment_norms(tf.stack([after, update], axis=1), sizes)
                 rows.append(tf.concat([zero_fraction[:, None], norms], axis=1))
             for i in separate:
                 zeros = stats_lib.zero_count(values[i])
@@ -293,7 +324,7 @@ class StepInstrument:
                 else:
                     zero_fraction = zeros / float(self._sizes[i])
                 after = self.variables[i].value
-                update = stats_lib.flat32(after) - stats_lib.flat32(self.snapshots[i])
+                update = stats_lib.flat32(after) - before(i)
                 pair = [stats_lib.l2_norm(after), stats_lib.l2_norm(update)]
                 rows.append(tf.stack([zero_fraction] + pair)[None])
             for i in without:
@@ -314,8 +345,9 @@ class StepInstrument:
         # Columns in the order of VARIABLE_STATS; rows in the order fused,
         # separate, without, put back in the order of `self.variables`.
         table = tf.concat([gradient_table[:, :3], weight_table, gradient_table[:, 3:]], axis=1)
-        position = np.argsort(np.array(order, dtype=np.int64))
-        table = tf.gather(table, tf.constant(position, tf.int32))
+        if order != sorted(order):
+            position = np.argsort(np.array(order, dtype=np.int64))
+            table = tf.gather(table, tf.constant(position, tf.int32))
 
         state.variable_stats = table
         state.global_grad_norm = tf.norm(norms)

@@ -82,17 +82,23 @@ def device_histogram(tensor: tf.Tensor) -> tf.Tensor:
     Computed where the tensor lives, so a large variable is never copied to
     the host. A tensor whose values are all equal gets one bucket.
     """
-    values = tf.reshape(tf.cast(tensor, tf.float64), [-1])
+    # Bucketed in the tensor's own precision (float32 for float16 and bfloat16):
+    # a float64 copy would double the memory that a large tensor takes.
+    values = tf.reshape(tensor, [-1])
+    if values.dtype not in (tf.float32, tf.float64):
+        values = tf.cast(values, tf.float32)
     low = tf.reduce_min(values)
     high = tf.reduce_max(values)
+    low64 = tf.cast(low, tf.float64)
+    high64 = tf.cast(high, tf.float64)
     size = tf.cast(tf.size(values), tf.float64)
 
     def equal_values():
-        return tf.stack([[low, high, size]])
+        return tf.stack([[low64, high64, size]])
 
     def spread_values():
         counts = tf.histogram_fixed_width(values, tf.stack([low, high]), HISTOGRAM_BUCKETS)
-        edges = tf.linspace(low, high, HISTOGRAM_BUCKETS + 1)
+        edges = tf.linspace(low64, high64, HISTOGRAM_BUCKETS + 1)
         return tf.stack([edges[:-1], edges[1:], tf.cast(counts, tf.float64)], axis=1)
 
     return tf.cond(high > low, spread_values, equal_values)
@@ -104,9 +110,14 @@ def device_histograms(tensors: list[tf.Tensor]) -> list[tf.Tensor]:
 
     One traced call for all of a model's weights and gradients costs one
     dispatch instead of one per tensor. It is traced again only when the
-    list's shapes change.
+    list's shapes change. The tensors are bucketed one after the other, so
+    the temporary memory is that of the largest one, not of all together.
     """
-    return [device_histogram(tensor) for tensor in tensors]
+    results = []
+    for tensor in tensors:
+        with tf.control_dependencies(results[-1:]):
+            results.append(device_histogram(tensor))
+    return results
 
 
 def histogram_value(tag: str, buckets: np.ndarray) -> summary_pb2.Summary.Value:

@@ -439,13 +439,13 @@ class GradWatch(keras.callbacks.Callback):
         if last and not self._measure_armed and instrument.measure_every > 1:
             instrument.measure_armed.assign(True)
             self._measure_armed = True
-        if instrument.gradient_store is None or self._store_armed:
+        if instrument.gradient_histograms is None or self._store_armed:
             return
         if not self.is_histogram_epoch(self._epoch):
             return
-        # Arm the gradient copy for the last execution of the epoch, so the
+        # Arm the gradient buckets for the last execution of the epoch, so the
         # histograms show the gradients of the epoch's last step. With an
-        # unknown epoch length, every step is copied and the last one stays.
+        # unknown epoch length, every step is bucketed and the last one stays.
         if steps is None or last:
             instrument.store_armed.assign(True)
             self._store_armed = True
@@ -454,15 +454,18 @@ class GradWatch(keras.callbacks.Callback):
         """Return True if histograms are written at the end of `epoch`."""
         return self.histogram_freq > 0 and epoch % self.histogram_freq == 0
 
-    def stored_gradients(self) -> list | None:
-        """Return the device copies of the last armed step's gradients.
+    def gradient_histograms(self):
+        """Return the gradient histograms of the last armed step, or None.
 
-        One `tf.Variable` per entry of `layout.variables`, or None when
-        histograms are off. Entries of variables without a gradient stay 0.
+        A numpy array of shape `(n_variables, 30, 3)` in the order of
+        `layout.variables`: rows `[left edge, right edge, count]` of 30
+        equal-width buckets between the gradient's min and max, bucketed on
+        the device inside the train step. None when histograms are off.
+        Variables without a gradient have rows of 0.
         """
-        if self._instrument is None:
+        if self._instrument is None or self._instrument.gradient_histograms is None:
             return None
-        return self._instrument.gradient_store
+        return self._instrument.gradient_histograms.numpy()
 
     @property
     def watched_variables(self) -> list:

@@ -59,11 +59,11 @@ class StepInstrument:
             copy of the trainable weights on the device, for the update norm.
         max_every_step: when True, max |g| is computed on every step, not
             only on measured steps and where a norm is 0 or not finite.
-        store_gradients: when True, a copy of every gradient is kept on the
-            device in `gradient_store`, overwritten only by steps that run
-            while `store_armed` is True. This costs one extra copy of the
-            trainable weights in device memory, and a copy of the gradients
-            in the armed steps only.
+        store_gradients: when True, steps that run while `store_armed` is
+            True bucket every gradient into `gradient_histograms`, a
+            `(n_vars, HISTOGRAM_BUCKETS, 3)` variable of `stats.histogram`
+            rows; rows of variables without a gradient are 0. Only the
+            buckets are kept, not the gradients.
     """
 
     def __init__(
@@ -131,16 +131,15 @@ class StepInstrument:
                     )
                     for i, v in enumerate(self.variables)
                 ]
-            self.gradient_store = None
+            self.gradient_histograms = None
             self.store_armed = None
             if store_gradients:
                 self.store_armed = tf.Variable(False, trainable=False, name="gradwatch_armed")
-                self.gradient_store = [
-                    tf.Variable(
-                        tf.zeros(v.shape, tf.float32), trainable=False, name="gradwatch_gradient"
-                    )
-                    for v in self.variables
-                ]
+                self.gradient_histograms = tf.Variable(
+                    tf.zeros([n_vars, stats_lib.HISTOGRAM_BUCKETS, 3], tf.float64),
+                    trainable=False,
+                    name="gradwatch_gradient_histograms",
+                )
 
     # -- installation -----------------------------------------------------
 
@@ -222,8 +221,8 @@ class StepInstrument:
         n_with = len(fused) + len(separate)
         order = fused + separate + without
 
-        if self.gradient_store is not None:
-            self._store_gradients(unscaled, variables)
+        if self.gradient_histograms is not None:
+            self._store_gradient_histograms(gradients)
 
         # Every step: the L2 norm. Small variables share one flat vector with
         # a segment each, which keeps the op count low for models with many
@@ -372,19 +371,21 @@ class StepInstrument:
         due = tf.equal(tf.math.floormod(calls + 1, self.measure_every), 0)
         return tf.logical_or(due, self.measure_armed)
 
-    def _store_gradients(self, gradients, variables):
-        """Copy the gradients into `gradient_store` when the host armed it."""
-        pairs = []
-        for gradient, variable in zip(gradients, variables):
-            index = self._index.get(id(variable))
-            if index is not None and gradient is not None:
-                pairs.append((index, gradient))
+    def _store_gradient_histograms(self, gradients: dict):
+        """Bucket the gradients into `gradient_histograms` when the host armed it."""
 
         def store():
-            for index, gradient in pairs:
-                # An IndexedSlices gradient is densified here, in armed steps only.
-                dense = tf.convert_to_tensor(gradient)
-                self.gradient_store[index].assign(tf.cast(dense, tf.float32))
+            rows = []
+            for i in range(len(self.variables)):
+                if i not in gradients:
+                    rows.append(tf.zeros([stats_lib.HISTOGRAM_BUCKETS, 3], tf.float64))
+                    continue
+                # One gradient after the other, so that the temporary memory
+                # is that of the largest. An IndexedSlices gradient is
+                # densified here, in armed steps only.
+                with tf.control_dependencies(rows[-1:]):
+                    rows.append(stats_lib.histogram(tf.convert_to_tensor(gradients[i])))
+            self.gradient_histograms.assign(tf.stack(rows))
             return tf.constant(True)
 
         tf.cond(self.store_armed, store, lambda: tf.constant(False))

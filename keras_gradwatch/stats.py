@@ -189,3 +189,45 @@ def segment_norms(columns: tf.Tensor, sizes: list[int]) -> tf.Tensor:
     """
     sums = tf.math.unsorted_segment_sum(tf.square(columns), segment_ids(sizes), len(sizes))
     return tf.sqrt(sums)
+
+
+HISTOGRAM_BUCKETS = 30
+
+
+def histogram(tensor) -> tf.Tensor:
+    """Return `(HISTOGRAM_BUCKETS, 3)` rows `[left edge, right edge, count]` of a tensor.
+
+    Equal-width buckets between the tensor's min and max, as
+    `tf.summary.histogram` makes them. The bucket index is computed with plain
+    arithmetic and the counts with an unsorted segment sum, so this also runs
+    inside an XLA-compiled train step; the shape is fixed for the same reason.
+    A tensor whose values are all equal puts every entry in the first bucket
+    and gets edges equal to that value (see `trim_histogram`).
+
+    Values are bucketed in the tensor's own precision (float32 for float16
+    and bfloat16); a float64 copy of a large tensor would double its memory.
+    The edges are float64.
+    """
+    values = tf.reshape(tensor, [-1])
+    if values.dtype not in (tf.float32, tf.float64):
+        values = tf.cast(values, tf.float32)
+    low = tf.reduce_min(values)
+    high = tf.reduce_max(values)
+    spread = high > low
+    width = tf.where(spread, (high - low) / HISTOGRAM_BUCKETS, tf.ones_like(low))
+    index = tf.cast(tf.floor((values - low) / width), tf.int32)
+    index = tf.clip_by_value(index, 0, HISTOGRAM_BUCKETS - 1)
+    counts = tf.math.unsorted_segment_sum(tf.ones_like(index), index, HISTOGRAM_BUCKETS)
+    counts = tf.cast(counts, tf.float64)
+    edges = tf.linspace(tf.cast(low, tf.float64), tf.cast(high, tf.float64), HISTOGRAM_BUCKETS + 1)
+    return tf.stack([edges[:-1], edges[1:], counts], axis=1)
+
+
+def trim_histogram(rows):
+    """Return the rows of `histogram` as TensorBoard takes them (host side, numpy).
+
+    A tensor whose values were all equal keeps one bucket `[value, value, count]`.
+    """
+    if rows[0, 0] == rows[0, 1]:
+        return rows[:1]
+    return rows

@@ -49,6 +49,7 @@ from tensorboard.plugins.text.summary_v2 import text_pb
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 from tensorboard.util import tensor_util
 
+from keras_gradwatch import stats
 from keras_gradwatch.records import LAYER_COLUMNS
 from keras_gradwatch.sinks import Sink
 
@@ -73,50 +74,21 @@ def histogram_tag(kind: str, variable_path: str) -> str:
 FINDINGS_TAG = f"{PREFIX}/findings"
 
 
-HISTOGRAM_BUCKETS = 30
-
-
-def device_histogram(tensor: tf.Tensor) -> tf.Tensor:
-    """Return `[left edge, right edge, count]` rows of `HISTOGRAM_BUCKETS` buckets.
-
-    Computed where the tensor lives, so a large variable is never copied to
-    the host. A tensor whose values are all equal gets one bucket.
-    """
-    # Bucketed in the tensor's own precision (float32 for float16 and bfloat16):
-    # a float64 copy would double the memory that a large tensor takes.
-    values = tf.reshape(tensor, [-1])
-    if values.dtype not in (tf.float32, tf.float64):
-        values = tf.cast(values, tf.float32)
-    low = tf.reduce_min(values)
-    high = tf.reduce_max(values)
-    low64 = tf.cast(low, tf.float64)
-    high64 = tf.cast(high, tf.float64)
-    size = tf.cast(tf.size(values), tf.float64)
-
-    def equal_values():
-        return tf.stack([[low64, high64, size]])
-
-    def spread_values():
-        counts = tf.histogram_fixed_width(values, tf.stack([low, high]), HISTOGRAM_BUCKETS)
-        edges = tf.linspace(low64, high64, HISTOGRAM_BUCKETS + 1)
-        return tf.stack([edges[:-1], edges[1:], tf.cast(counts, tf.float64)], axis=1)
-
-    return tf.cond(high > low, spread_values, equal_values)
-
-
 @tf.function
 def device_histograms(tensors: list[tf.Tensor]) -> list[tf.Tensor]:
-    """Return `device_histogram` of each tensor, in one call to the device.
+    """Return `stats.histogram` of each tensor, in one call to the device.
 
-    One traced call for all of a model's weights and gradients costs one
-    dispatch instead of one per tensor. It is traced again only when the
-    list's shapes change. The tensors are bucketed one after the other, so
-    the temporary memory is that of the largest one, not of all together.
+    Computed where the tensors live, so a large variable is never copied to
+    the host, and in one traced call for all of a model's weights, which
+    costs one dispatch instead of one per tensor. It is traced again only
+    when the list's shapes change. The tensors are bucketed one after the
+    other, so the temporary memory is that of the largest one, not of all
+    together.
     """
     results = []
     for tensor in tensors:
         with tf.control_dependencies(results[-1:]):
-            results.append(device_histogram(tensor))
+            results.append(stats.histogram(tensor))
     return results
 
 
@@ -221,22 +193,24 @@ class TensorBoardSink(Sink):
         self._writer.flush()
 
     def _histograms(self, watch) -> list:
-        gradients = watch.stored_gradients()
+        gradients = watch.gradient_histograms()
         recent = watch.recent_steps
         has_gradient = recent[-1].has_gradient if recent else None
-        tags = []
-        tensors = []
-        for i, (info, variable) in enumerate(zip(watch.layout.variables, watch.watched_variables)):
-            # A tensor read of the variable, not the variable itself: passing
-            # variables to a traced function returned another variable's
-            # buckets on TF 2.21.
-            tags.append(histogram_tag("weights", info.path))
-            tensors.append(tf.convert_to_tensor(variable.value))
-            if gradients is not None and has_gradient is not None and has_gradient[i]:
-                tags.append(histogram_tag("gradients", info.path))
-                tensors.append(tf.convert_to_tensor(gradients[i]))
-        buckets = device_histograms(tensors)
-        return [histogram_value(tag, b.numpy()) for tag, b in zip(tags, buckets)]
+        infos = watch.layout.variables
+        # A tensor read of the variable, not the variable itself: passing
+        # variables to a traced function returned another variable's buckets
+        # on TF 2.21.
+        weights = [tf.convert_to_tensor(v.value) for v in watch.watched_variables]
+        values = [
+            histogram_value(histogram_tag("weights", info.path), stats.trim_histogram(b.numpy()))
+            for info, b in zip(infos, device_histograms(weights))
+        ]
+        if gradients is not None and has_gradient is not None:
+            for i, info in enumerate(infos):
+                if has_gradient[i]:
+                    rows = stats.trim_histogram(gradients[i])
+                    values.append(histogram_value(histogram_tag("gradients", info.path), rows))
+        return values
 
     def close(self, watch) -> None:
         if self._writer is not None:

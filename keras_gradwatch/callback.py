@@ -22,7 +22,7 @@ from keras_gradwatch.records import (
     EpochSummary,
     ModelLayout,
     RecentWindow,
-    make_step_record,
+    make_step_records,
 )
 
 logger = logging.getLogger("keras_gradwatch")
@@ -613,16 +613,15 @@ class GradWatch(keras.callbacks.Callback):
             )
         if self.verbose >= 2:
             logger.debug("GradWatch: read steps %d to %d", first, first + len(scalar_rows) - 1)
-        loss_seen = self._instrument.loss_seen
-        for offset in range(len(scalar_rows)):
-            record = make_step_record(
-                self._layout,
-                first + offset,
-                self._epoch,
-                variable_rows[offset],
-                scalar_rows[offset],
-                loss_seen=loss_seen,
-            )
+        records = make_step_records(
+            self._layout,
+            first,
+            self._epoch,
+            variable_rows,
+            scalar_rows,
+            loss_seen=self._instrument.loss_seen,
+        )
+        for record in records:
             if self._aggregator is None:
                 self._aggregator = EpochAggregator(self._epoch)
             self._aggregator.add(record)

@@ -203,7 +203,8 @@ def run_check(args: argparse.Namespace) -> int:
         print(f"FAILED: {len(failing)} finding(s) of a kind in --fail-on ({kinds})")
     elif not errors:
         print(f"OK: no finding of a kind in --fail-on ({kinds})")
-    if errors:
+    if errors and len(args.paths) > 1:
+        # With one path, its error line above says it all.
         print(f"ERROR: {len(errors)} of {len(args.paths)} record(s) could not be read")
     return status
 

@@ -10,6 +10,7 @@ The thresholds live in `Thresholds`; its docstring gives each default and why.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import dataclasses
 import math
@@ -494,6 +495,8 @@ class SpikeDetector(Detector):
     def __init__(self, thresholds, layout):
         super().__init__(thresholds, layout)
         self.history = collections.deque(maxlen=thresholds.spike_window)
+        # The same values, sorted, so the median costs no sort per step.
+        self._sorted: list[float] = []
 
     def on_step(self, record):
         norm = record.global_grad_norm
@@ -501,7 +504,7 @@ class SpikeDetector(Detector):
         if not math.isfinite(norm):
             return found  # reported by the non-finite detector
         if len(self.history) >= max(2, self.thresholds.spike_window // 2):
-            baseline = float(np.median(self.history))
+            baseline = _sorted_median(self._sorted)
             limit = self.thresholds.spike_factor * baseline
             if baseline > 0 and norm > limit:
                 found.append(
@@ -517,8 +520,19 @@ class SpikeDetector(Detector):
                         f"last {len(self.history)} steps",
                     )
                 )
+        if len(self.history) == self.history.maxlen:
+            del self._sorted[bisect.bisect_left(self._sorted, self.history[0])]
         self.history.append(norm)
+        bisect.insort(self._sorted, norm)
         return found
+
+
+def _sorted_median(values: list[float]) -> float:
+    """Median of a sorted list, as `np.median` computes it."""
+    middle = len(values) // 2
+    if len(values) % 2:
+        return values[middle]
+    return (values[middle - 1] + values[middle]) / 2
 
 
 class CeilingDetector(Detector):

@@ -226,7 +226,7 @@ class StepInstrument:
 
         # Every step: the L2 norm. Small variables share one flat vector with
         # a segment each, which keeps the op count low for models with many
-        # small layers; large and sparse gradients get their own reductions.
+        # small layers. Large and sparse gradients get their own reductions.
         values = {}
         norm_parts = []
         if fused:
@@ -262,8 +262,8 @@ class StepInstrument:
             norms_finite = tf.reduce_all(tf.math.is_finite(norms))
             nonfinite = tf.cond(norms_finite, lambda: tf.zeros([n_with]), count_nonfinite)
             # max |g| on measured steps, and wherever a norm is 0 or not
-            # finite: only max |g| tells an all-zero gradient from one whose
-            # squares underflow.
+            # finite: only max |g| distinguishes an all-zero gradient from one
+            # whose squares underflow.
             need_max = measure
             if not isinstance(measure, bool) or not measure:
                 unusual = tf.logical_not(tf.reduce_all(norms > 0.0))

@@ -74,6 +74,13 @@ class ModelLayout:
                 self.layers.append(info.layer)
         position = {name: i for i, name in enumerate(self.layers)}
         self.layer_index = np.array([position[v.layer] for v in self.variables], dtype=np.int64)
+        # When every layer's variables are contiguous (the usual case), the
+        # index where each layer starts makes a per-layer reduction one
+        # `reduceat`. Otherwise each layer's column indices are used.
+        self._starts = None
+        if np.all(np.diff(self.layer_index) >= 0):
+            self._starts = np.flatnonzero(np.diff(self.layer_index, prepend=-1) != 0)
+        self._columns = [np.flatnonzero(self.layer_index == i) for i in range(len(self.layers))]
 
     @classmethod
     def from_model(cls, model) -> tuple[ModelLayout, list]:
@@ -112,30 +119,31 @@ class ModelLayout:
         return len(self.layers)
 
     def combine_norms(self, per_variable: np.ndarray) -> np.ndarray:
-        """Combine per-variable L2 norms into per-layer L2 norms.
+        """Combine per-variable L2 norms into per-layer L2 norms (last axis).
 
         NaN entries (no gradient) are left out; a layer with no finite-or-inf
         entry at all gets NaN.
         """
         squares = np.square(per_variable.astype(np.float64))
         present = ~np.isnan(squares)
-        sums = self._layer_sum(np.where(present, squares, 0.0))
-        counts = self._layer_sum(present)
+        sums = self._reduce(np.add, np.where(present, squares, 0.0))
+        counts = self._reduce(np.add, present.astype(np.float64))
         with np.errstate(invalid="ignore"):
             return np.where(counts > 0, np.sqrt(sums), np.nan)
 
     def combine_max(self, per_variable: np.ndarray) -> np.ndarray:
-        """Per-layer maximum, NaN entries left out; NaN for a layer with none."""
-        out = np.full(self.n_layers, np.nan)
-        np.fmax.at(out, self.layer_index, per_variable)
-        return out
+        """Per-layer maximum (last axis), NaN entries left out; NaN for a layer with none."""
+        return self._reduce(np.fmax, per_variable.astype(np.float64))
 
     def combine_sum(self, per_variable: np.ndarray) -> np.ndarray:
-        """Per-layer sum, NaN entries counted as 0."""
-        return self._layer_sum(np.nan_to_num(per_variable, nan=0.0))
+        """Per-layer sum (last axis), NaN entries counted as 0."""
+        return self._reduce(np.add, np.nan_to_num(per_variable.astype(np.float64), nan=0.0))
 
-    def _layer_sum(self, per_variable: np.ndarray) -> np.ndarray:
-        return np.bincount(self.layer_index, weights=per_variable, minlength=self.n_layers)
+    def _reduce(self, ufunc, values: np.ndarray) -> np.ndarray:
+        """Reduce the last axis (variables) per layer with `ufunc`."""
+        if self._starts is not None:
+            return ufunc.reduceat(values, self._starts, axis=-1)
+        return np.stack([ufunc.reduce(values[..., c], axis=-1) for c in self._columns], axis=-1)
 
 
 @dataclass
@@ -174,41 +182,71 @@ def make_step_record(
     loss_seen: bool = True,
 ) -> StepRecord:
     """Build a `StepRecord` from one row of the device buffers."""
-    device_row = device_row.astype(np.float64)
-    weight_norm = device_row[:, STAT_INDEX["weight_norm"]]
-    update_norm = device_row[:, STAT_INDEX["update_norm"]]
+    (record,) = make_step_records(
+        layout, step, epoch, np.asarray(device_row)[None], np.asarray(scalar_row)[None], loss_seen
+    )
+    return record
+
+
+def make_step_records(
+    layout: ModelLayout,
+    first_step: int,
+    epoch: int,
+    device_rows: np.ndarray,
+    scalar_rows: np.ndarray,
+    loss_seen: bool = True,
+) -> list[StepRecord]:
+    """Build the `StepRecord`s of consecutive steps from rows of the device buffer.
+
+    `device_rows` has shape `(steps, n_variables, len(VARIABLE_STATS))` and
+    `scalar_rows` `(steps, len(STEP_SCALARS))`. The per-layer columns of all
+    steps are computed together.
+    """
+    rows = np.asarray(device_rows, dtype=np.float64)
+    scalars = np.asarray(scalar_rows, dtype=np.float64)
+    weight_norm = rows[:, :, STAT_INDEX["weight_norm"]]
+    update_norm = rows[:, :, STAT_INDEX["update_norm"]]
     with np.errstate(divide="ignore", invalid="ignore"):
         update_ratio = np.where(weight_norm > 0, update_norm / weight_norm, np.nan)
-    variables = np.column_stack(
-        [device_row[:, STAT_INDEX[name]] for name in VARIABLE_COLUMNS[:-1]] + [update_ratio]
+    variables = np.concatenate(
+        [rows[:, :, [STAT_INDEX[name] for name in VARIABLE_COLUMNS[:-1]]], update_ratio[..., None]],
+        axis=2,
     )
-
     layer_weight = layout.combine_norms(weight_norm)
     layer_update = layout.combine_norms(update_norm)
     with np.errstate(divide="ignore", invalid="ignore"):
         layer_ratio = np.where(layer_weight > 0, layer_update / layer_weight, np.nan)
-    layers = np.column_stack(
+    layers = np.stack(
         [
-            layout.combine_norms(device_row[:, STAT_INDEX["grad_norm"]]),
-            layout.combine_max(device_row[:, STAT_INDEX["grad_max"]]),
-            layout.combine_sum(device_row[:, STAT_INDEX["grad_nonfinite"]]),
+            layout.combine_norms(rows[:, :, STAT_INDEX["grad_norm"]]),
+            layout.combine_max(rows[:, :, STAT_INDEX["grad_max"]]),
+            layout.combine_sum(rows[:, :, STAT_INDEX["grad_nonfinite"]]),
             layer_weight,
             layer_update,
             layer_ratio,
-        ]
+        ],
+        axis=2,
     )
-    return StepRecord(
-        step=step,
-        epoch=epoch,
-        variables=variables,
-        layers=layers,
-        has_gradient=device_row[:, STAT_INDEX["has_gradient"]] > 0.5,
-        loss=float(scalar_row[SCALAR_INDEX["loss"]]),
-        global_grad_norm=float(scalar_row[SCALAR_INDEX["global_grad_norm"]]),
-        update_skipped=bool(scalar_row[SCALAR_INDEX["update_skipped"]] > 0.5),
-        loss_seen=loss_seen,
-        weights_measured=bool(scalar_row[SCALAR_INDEX["weights_measured"]] > 0.5),
-    )
+    has_gradient = rows[:, :, STAT_INDEX["has_gradient"]] > 0.5
+    loss = scalars[:, SCALAR_INDEX["loss"]].tolist()
+    global_norm = scalars[:, SCALAR_INDEX["global_grad_norm"]].tolist()
+    skipped = (scalars[:, SCALAR_INDEX["update_skipped"]] > 0.5).tolist()
+    measured = (scalars[:, SCALAR_INDEX["weights_measured"]] > 0.5).tolist()
+    return [
+        StepRecord(
+            step=first_step + i,
+            epoch=epoch,
+            variables=variables[i],
+            layers=layers[i],
+            has_gradient=has_gradient[i],
+            loss=loss[i],
+            global_grad_norm=global_norm[i],
+            update_skipped=skipped[i],
+            loss_seen=loss_seen,
+            weights_measured=measured[i],
+        )
+        for i in range(len(rows))
+    ]
 
 
 @dataclass

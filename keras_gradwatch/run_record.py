@@ -13,7 +13,7 @@
   training begins, at the end of the first epoch, at later epoch ends once
   `REPORT_INTERVAL` seconds have passed since the last replacement, and when
   training ends. Its size grows with the epochs, so rewriting it at every
-  epoch end would cost time that grows with the square of the epochs; the
+  epoch end would cost time that grows with the square of the epochs. The
   JSON Lines file gets every epoch as it ends.
 
 Each `fit` call starts both files anew, as `keras.callbacks.CSVLogger` does
@@ -45,7 +45,7 @@ from keras_gradwatch.sinks import Sink
 
 RECORD_FILE = "gradwatch.jsonl"
 REPORT_FILE = "report.json"
-# Least seconds between two replacements of report.json at epoch ends.
+# Minimum seconds between two replacements of report.json at epoch ends.
 REPORT_INTERVAL = 10.0
 # Version of the line format of `gradwatch.jsonl`; `report.json` carries the
 # version of `GradWatch.report()` in its own `version` field.

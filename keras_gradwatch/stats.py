@@ -198,9 +198,10 @@ def histogram(tensor) -> tf.Tensor:
     """Return `(HISTOGRAM_BUCKETS, 3)` rows `[left edge, right edge, count]` of a tensor.
 
     Equal-width buckets between the tensor's min and max, as
-    `tf.summary.histogram` makes them. The bucket index is computed with plain
-    arithmetic and the counts with an unsorted segment sum, so this also runs
-    inside an XLA-compiled train step; the shape is fixed for the same reason.
+    `tf.summary.histogram` makes them. The bucket index comes from plain
+    arithmetic and the counts from an unsorted segment sum, which XLA
+    compiles, so this also runs inside an XLA-compiled train step. The output
+    shape is fixed for the same reason.
     A tensor whose values are all equal puts every entry in the first bucket
     and gets edges equal to that value (see `trim_histogram`).
 

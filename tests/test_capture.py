@@ -303,7 +303,7 @@ def test_max_abs_computed_where_a_norm_is_zero(regression_data, scale):
     for record in watch.recent_steps:
         # The kernel's entries are about 1e-30 or exactly 0, so the float32 sum
         # of squares is 0 either way; max |g| is computed on every step and
-        # tells the two apart.
+        # distinguishes the two.
         assert record.variable("grad_norm")[kernel] == 0.0
         assert np.all(np.isfinite(record.variable("grad_max")))
         assert (record.variable("grad_max")[kernel] > 0) == (scale > 0)

@@ -209,7 +209,8 @@ def test_check_corrupt_record_exits_2(checks):
 
     assert result.returncode == 2
     assert f"check: error: {path}: line 2 is not valid JSON" in result.stderr
-    assert "ERROR: 1 of 1 record(s) could not be read" in result.stdout
+    assert result.stderr.count("error:") == 1
+    assert result.stdout == ""
     assert "Traceback" not in result.stderr
 
 
@@ -218,6 +219,8 @@ def test_check_missing_path_exits_2(checks):
 
     assert result.returncode == 2
     assert f"check: error: {path}: not found" in result.stderr
+    assert result.stderr.count("error:") == 1
+    assert result.stdout == ""
     assert "Traceback" not in result.stderr
 
 
@@ -464,3 +467,12 @@ def test_smoke_training_fails_under_warning_filter(tmp_path):
         warnings.simplefilter("ignore", kg.NonFiniteWarning)
         with pytest.raises(kg.ExplodingGradientWarning):
             smoke.train(log_dir=tmp_path, learning_rate=1.0)
+
+
+def test_check_text_counts_unreadable_records(runs, capsys, tmp_path):
+    missing = tmp_path / "missing"
+    assert main(["check", str(runs["healthy"][0]), str(missing)]) == 2
+
+    captured = capsys.readouterr()
+    assert f"check: error: {missing}: not found" in captured.err
+    assert "ERROR: 1 of 2 record(s) could not be read" in captured.out

@@ -9,7 +9,8 @@ from scripted import make_layout, make_record, run_steps
 from keras_gradwatch import Thresholds
 from keras_gradwatch import detectors as D
 from keras_gradwatch import findings as F
-from keras_gradwatch.records import EpochAggregator
+from keras_gradwatch.records import EpochAggregator, ModelLayout, VariableInfo, make_step_records
+from keras_gradwatch.stats import STAT_INDEX, VARIABLE_STATS
 
 HEALTHY_NORMS = [0.3, 0.5, 0.4, 0.2]
 
@@ -274,3 +275,40 @@ def test_finding_log_tracks_latest_detection(layout):
     assert finding.count == 6
     assert finding.last_step == 7
     assert finding.last_value == 8
+
+
+def test_spike_baseline_is_running_median():
+    layout = make_layout()
+    detector = D.SpikeDetector(Thresholds(spike_window=6), layout)
+    rng = np.random.default_rng(0)
+    for step, norm in enumerate(rng.uniform(1.0, 2.0, size=20)):
+        detector.on_step(make_record(layout, step, [norm] * 4))
+        assert detector._sorted == sorted(detector.history)
+        assert D._sorted_median(detector._sorted) == np.median(list(detector.history))
+
+
+@pytest.mark.parametrize("layers", [["a", "a", "b", "c"], ["a", "b", "a", "c"]])
+def test_step_records_combine_layers(layers):
+    # Contiguous layers take the reduceat path, interleaved ones the per-layer path.
+    layout = ModelLayout(
+        [VariableInfo(path=f"v{i}", layer=name, shape=(3,)) for i, name in enumerate(layers)]
+    )
+    rng = np.random.default_rng(1)
+    rows = rng.uniform(0.5, 2.0, size=(5, 4, len(VARIABLE_STATS)))
+    rows[1, 0, STAT_INDEX["grad_norm"]] = np.nan  # a variable without gradient
+    rows[2, 1, STAT_INDEX["grad_norm"]] = np.inf
+    rows[3, :, STAT_INDEX["grad_max"]] = np.nan  # a step that did not measure max |g|
+    scalars = rng.uniform(size=(5, 4))
+    records = make_step_records(layout, 10, 0, rows, scalars)
+
+    assert [r.step for r in records] == [10, 11, 12, 13, 14]
+    for record, row in zip(records, rows, strict=True):
+        for name, layer in enumerate(layout.layers):
+            members = [i for i, owner in enumerate(layers) if owner == layer]
+            norms = row[members, STAT_INDEX["grad_norm"]]
+            present = norms[~np.isnan(norms)]
+            expected = np.sqrt(np.sum(present**2)) if present.size else np.nan
+            np.testing.assert_array_equal(record.layer("grad_norm")[name], expected)
+            maxes = row[members, STAT_INDEX["grad_max"]]
+            expected_max = np.nanmax(maxes) if not np.all(np.isnan(maxes)) else np.nan
+            np.testing.assert_array_equal(record.layer("grad_max")[name], expected_max)

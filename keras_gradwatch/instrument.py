@@ -86,6 +86,7 @@ class StepInstrument:
         self._sizes = [int(np.prod(v.shape)) for v in self.variables]
         self.measure_every = _round_to_accumulation(int(measure_every), model.optimizer)
         self.max_every_step = max_every_step
+        self._jit_compile = bool(getattr(model, "jit_compile", False))
         self._original_train_function = None
         self._instrumented_function = None
         self._installed = False
@@ -384,7 +385,8 @@ class StepInstrument:
                 # is that of the largest. An IndexedSlices gradient is
                 # densified here, in armed steps only.
                 with tf.control_dependencies(rows[-1:]):
-                    rows.append(stats_lib.histogram(tf.convert_to_tensor(gradients[i])))
+                    gradient = tf.convert_to_tensor(gradients[i])
+                    rows.append(stats_lib.histogram(gradient, xla=self._jit_compile))
             self.gradient_histograms.assign(tf.stack(rows))
             return tf.constant(True)
 

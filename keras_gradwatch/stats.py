@@ -194,14 +194,15 @@ def segment_norms(columns: tf.Tensor, sizes: list[int]) -> tf.Tensor:
 HISTOGRAM_BUCKETS = 30
 
 
-def histogram(tensor) -> tf.Tensor:
+def histogram(tensor, xla: bool = False) -> tf.Tensor:
     """Return `(HISTOGRAM_BUCKETS, 3)` rows `[left edge, right edge, count]` of a tensor.
 
     Equal-width buckets between the tensor's min and max, as
-    `tf.summary.histogram` makes them. The bucket index comes from plain
-    arithmetic and the counts from an unsorted segment sum, which XLA
-    compiles, so this also runs inside an XLA-compiled train step. The output
-    shape is fixed for the same reason.
+    `tf.summary.histogram` makes them. `tf.histogram_fixed_width` does the
+    bucketing in one op, but XLA cannot compile it; with `xla=True` the bucket
+    index comes from plain arithmetic and the counts from an unsorted segment
+    sum, which takes about twice as long and more temporary memory. The output
+    shape is fixed, as XLA needs.
     A tensor whose values are all equal puts every entry in the first bucket
     and gets edges equal to that value (see `trim_histogram`).
 
@@ -215,10 +216,15 @@ def histogram(tensor) -> tf.Tensor:
     low = tf.reduce_min(values)
     high = tf.reduce_max(values)
     spread = high > low
-    width = tf.where(spread, (high - low) / HISTOGRAM_BUCKETS, tf.ones_like(low))
-    index = tf.cast(tf.floor((values - low) / width), tf.int32)
-    index = tf.clip_by_value(index, 0, HISTOGRAM_BUCKETS - 1)
-    counts = tf.math.unsorted_segment_sum(tf.ones_like(index), index, HISTOGRAM_BUCKETS)
+    if xla:
+        width = tf.where(spread, (high - low) / HISTOGRAM_BUCKETS, tf.ones_like(low))
+        index = tf.cast(tf.floor((values - low) / width), tf.int32)
+        index = tf.clip_by_value(index, 0, HISTOGRAM_BUCKETS - 1)
+        counts = tf.math.unsorted_segment_sum(tf.ones_like(index), index, HISTOGRAM_BUCKETS)
+    else:
+        # Equal values all land in the first bucket of [low, low + 1].
+        upper = tf.where(spread, high, low + 1)
+        counts = tf.histogram_fixed_width(values, tf.stack([low, upper]), HISTOGRAM_BUCKETS)
     counts = tf.cast(counts, tf.float64)
     edges = tf.linspace(tf.cast(low, tf.float64), tf.cast(high, tf.float64), HISTOGRAM_BUCKETS + 1)
     return tf.stack([edges[:-1], edges[1:], counts], axis=1)

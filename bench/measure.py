@@ -72,7 +72,13 @@ class EpochTimer(keras.callbacks.Callback):
 
 
 def measure(
-    model_name: str, config: str, steps: int, epochs: int, seed: int, profile_lines: int = 0
+    model_name: str,
+    config: str,
+    steps: int,
+    epochs: int,
+    seed: int,
+    profile_lines: int = 0,
+    watch_kwargs: dict | None = None,
 ) -> dict:
     """Fit one warm-up epoch and `epochs` timed epochs, and return times and peak RSS.
 
@@ -91,7 +97,7 @@ def measure(
     model = workload.build()
 
     with tempfile.TemporaryDirectory(prefix="gradwatch-bench-") as log_dir:
-        callbacks = workloads.make_callbacks(config, workload, x, y, log_dir)
+        callbacks = workloads.make_callbacks(config, workload, x, y, log_dir, watch_kwargs)
         fit_args = dict(batch_size=workload.batch_size, shuffle=False, verbose=0)
 
         start = time.perf_counter()
@@ -156,6 +162,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="LINES",
         help="run the timed fit under cProfile and print this many functions to stderr",
     )
+    parser.add_argument(
+        "--watch-kwargs",
+        type=json.loads,
+        default=None,
+        metavar="JSON",
+        help="GradWatch arguments to override, as a JSON object, e.g. '{\"weight_stats_freq\": 0}'",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         import tensorflow as tf
@@ -168,7 +181,17 @@ def main(argv: list[str] | None = None) -> int:
     from keras_gradwatch import GradientWarning
 
     warnings.simplefilter("ignore", GradientWarning)
-    result = measure(args.model, args.config, args.steps, args.epochs, args.seed, args.profile)
+    result = measure(
+        args.model,
+        args.config,
+        args.steps,
+        args.epochs,
+        args.seed,
+        args.profile,
+        watch_kwargs=args.watch_kwargs,
+    )
+    if args.watch_kwargs:
+        result["watch_kwargs"] = args.watch_kwargs
     result["threads"] = args.threads
     print(json.dumps(result))
     return 0

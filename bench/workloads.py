@@ -230,19 +230,30 @@ class NaiveGradientNorms(keras.callbacks.Callback):
 
 
 def make_callbacks(
-    config: str, workload: Workload, x: np.ndarray, y: np.ndarray, log_dir: str
+    config: str,
+    workload: Workload,
+    x: np.ndarray,
+    y: np.ndarray,
+    log_dir: str,
+    watch_kwargs: dict | None = None,
 ) -> list[keras.callbacks.Callback]:
-    """Return the callbacks of one configuration; `log_dir` must exist and be empty."""
+    """Return the callbacks of one configuration; `log_dir` must exist and be empty.
+
+    `watch_kwargs` override `GradWatch` arguments of the `gradwatch` and
+    `gradwatch_all` configurations.
+    """
+    overrides = watch_kwargs or {}
     if config == "plain":
         return []
     if config == "gradwatch":
         from keras_gradwatch import GradWatch
 
-        return [GradWatch(verbose=0)]
+        return [GradWatch(**{"verbose": 0, **overrides})]
     if config == "gradwatch_all":
         from keras_gradwatch import GradWatch
 
-        return [GradWatch(log_dir=log_dir, histogram_freq=1, update_freq="batch", verbose=0)]
+        settings = {"histogram_freq": 1, "update_freq": "batch", "verbose": 0, **overrides}
+        return [GradWatch(log_dir=log_dir, **settings)]
     if config == "tensorboard":
         return [keras.callbacks.TensorBoard(log_dir=log_dir, histogram_freq=1)]
     if config == "naive":

@@ -22,7 +22,8 @@ Tags (the full table with units is in docs/tensorboard.md):
 - `gradwatch/weights/<variable.path>`: histogram at step = epoch, every
   `histogram_freq` epochs, of the weights at the end of the epoch.
 - `gradwatch/findings`: text, one entry per new finding, at step = the
-  global step where the finding was first detected.
+  global step where the finding was first detected (its text gives the step
+  where the condition started).
 
 A layer's norm combines its variables as sqrt(sum of squares).
 
@@ -123,6 +124,9 @@ class TensorBoardSink(Sink):
         self._writer = None
         self._layers: list[str] = []
         self._described: set[str] = set()
+        # The latest step the callback has passed on; findings are written
+        # there, at the step of detection.
+        self._current_step = 0
 
     def _scalar(self, tag: str, value) -> summary_pb2.Summary.Value:
         """Return a scalar summary value; plugin metadata only on a tag's first one.
@@ -162,6 +166,7 @@ class TensorBoardSink(Sink):
         self._layers = list(watch.layout.layers)
 
     def on_step(self, record) -> None:
+        self._current_step = record.step
         if self.update_freq == "epoch":
             return
         values = []
@@ -177,7 +182,12 @@ class TensorBoardSink(Sink):
         self._write(record.step, values)
 
     def on_finding(self, finding) -> None:
-        self._write(finding.step, list(text_pb(FINDINGS_TAG, finding.describe()).value))
+        # At the step of detection, not `finding.step` where the condition
+        # started: TensorBoard drops the events of a tag above a step that
+        # comes later in the file, as it does after a restart from a
+        # checkpoint, so the steps of a tag must not go back.
+        step = max(finding.step, self._current_step)
+        self._write(step, list(text_pb(FINDINGS_TAG, finding.describe()).value))
 
     def on_epoch(self, summary, watch) -> None:
         epoch = summary.epoch

@@ -14,11 +14,17 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import build_mlp
+from scripted import make_layout, make_record
 from tensorboard.backend.event_processing import event_accumulator
 
 import keras_gradwatch as kg
 from keras_gradwatch import GradWatch
-from keras_gradwatch.tensorboard_sink import FINDINGS_TAG, histogram_tag, scalar_tag
+from keras_gradwatch.tensorboard_sink import (
+    FINDINGS_TAG,
+    TensorBoardSink,
+    histogram_tag,
+    scalar_tag,
+)
 
 
 def load_run(run_dir):
@@ -184,14 +190,34 @@ def test_findings_written_as_text(tmp_path):
 
     run = load_run(str(tmp_path / "train"))
     events = run.Tensors(FINDINGS_TAG)
-    written = sorted((e.step, tf.make_ndarray(e.tensor_proto).item().decode()) for e in events)
-    expected = sorted(
-        (f.step, f"{f.kind} at step {f.step} (epoch {f.epoch})") for f in watch.findings
-    )
-    assert len(written) == len(expected)
-    for (step, text), (expected_step, start) in zip(written, expected):
-        assert step == expected_step
-        assert text.startswith(start)
+    texts = {tf.make_ndarray(e.tensor_proto).item().decode(): e.step for e in events}
+    assert len(texts) == len(watch.findings)
+    for finding in watch.findings:
+        start = f"{finding.kind} at step {finding.step} (epoch {finding.epoch})"
+        (step,) = [s for text, s in texts.items() if text.startswith(start)]
+        # Written where it was detected, which is not before the condition started.
+        assert step >= finding.step
+    steps = [e.step for e in events]
+    assert steps == sorted(steps)
+
+
+def test_findings_written_in_step_order(tmp_path):
+    # A finding whose condition started before an earlier-reported one's.
+    # TensorBoard drops a tag's events above a step that comes later in the
+    # file, so both must be written at steps that do not go back.
+    sink = TensorBoardSink(str(tmp_path))
+    layout = make_layout()
+    stagnation = kg.Finding("loss_stagnation", (), 1499, 23, 0.0, 0.001, "flat", "", "stall")
+    oscillation = kg.Finding("loss_oscillation", (), 0, 0, 0.06, 0.03, "swings", "", "swing")
+    for step, finding in ((1499, stagnation), (2000, oscillation)):
+        sink.on_step(make_record(layout, step, [1.0] * 4))
+        sink.on_finding(finding)
+    sink.close(None)
+
+    events = load_run(str(tmp_path / "train")).Tensors(FINDINGS_TAG)
+    assert [e.step for e in events] == [1499, 2000]
+    texts = [tf.make_ndarray(e.tensor_proto).item().decode() for e in events]
+    assert texts == [stagnation.describe(), oscillation.describe()]
 
 
 def test_no_event_file_without_writes(tmp_path, data):

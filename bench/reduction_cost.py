@@ -1,9 +1,9 @@
 """Time the reductions that GradWatch's statistics are made of, on one large tensor.
 
 Each candidate runs in its own `tf.function` on a float32 tensor of
-`--rows` x `--cols` entries (by default the 2048 x 1024 kernel of the
-benchmark MLP) and is timed over `--calls` calls, `--repeats` times; the
-median is printed. The `empty call` row times a function that returns a
+`--rows` x `--cols` entries, by default the size of the 2048 x 1024 kernel of
+the benchmark MLP. It is timed over `--calls` calls, `--repeats` times, and
+the median is printed. The `empty call` row times a function that returns a
 constant, which is the cost of one call; the other rows include it.
 
     python bench/reduction_cost.py --threads 1

@@ -204,7 +204,7 @@ def run_check(args: argparse.Namespace) -> int:
     elif not errors:
         print(f"OK: no finding of a kind in --fail-on ({kinds})")
     if errors and len(args.paths) > 1:
-        # With one path, its error line above says it all.
+        # With one path, the error line above already reports the failure.
         print(f"ERROR: {len(errors)} of {len(args.paths)} record(s) could not be read")
     return status
 

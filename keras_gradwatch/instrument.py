@@ -265,12 +265,11 @@ class StepInstrument:
             # max |g| on measured steps, and wherever a norm is 0 or not
             # finite: only max |g| distinguishes an all-zero gradient from one
             # whose squares underflow.
-            need_max = measure
-            if not isinstance(measure, bool) or not measure:
-                unusual = tf.logical_not(tf.reduce_all(norms > 0.0))
-                need_max = unusual if isinstance(measure, bool) else measure | unusual
-            if self.max_every_step:
+            if self.max_every_step or measure is True:
                 need_max = True
+            else:
+                unusual = tf.logical_not(tf.reduce_all(norms > 0.0))
+                need_max = unusual if measure is False else tf.logical_or(measure, unusual)
             maxes = _when(need_max, max_abs, lambda: tf.fill([n_with], nan))
         else:
             nonfinite = tf.zeros([0])
@@ -314,15 +313,10 @@ class StepInstrument:
                 zeros = stats_lib.segment_zero_count(fused_flat, fused_ids, len(fused))
                 zero_fraction = zeros / tf.constant(sizes, tf.float32)
                 update = after - fused_before
-                norms = stats_lib.segment_norms(tf.stack([after, update], axis=1), sizes)
-                rows.append(tf.concat([zero_fraction[:, None], norms], axis=1))
+                weight_norms = stats_lib.segment_norms(tf.stack([after, update], axis=1), sizes)
+                rows.append(tf.concat([zero_fraction[:, None], weight_norms], axis=1))
             for i in separate:
-                zeros = stats_lib.zero_count(values[i])
-                if isinstance(gradients[i], tf.IndexedSlices):
-                    nonzero = tf.cast(tf.size(values[i]), tf.float32) - zeros
-                    zero_fraction = 1.0 - nonzero / float(self._sizes[i])
-                else:
-                    zero_fraction = zeros / float(self._sizes[i])
+                zero_fraction = stats_lib.zero_fraction(values[i], self._sizes[i])
                 after = self.variables[i].value
                 update = stats_lib.flat32(after) - before(i)
                 pair = [stats_lib.l2_norm(after), stats_lib.l2_norm(update)]
@@ -483,9 +477,6 @@ class StepInstrument:
         n_stats = len(self.variables) * len(stats_lib.VARIABLE_STATS)
         variable_rows = rows[:, :n_stats].reshape(len(slots), len(self.variables), -1)
         return first, variable_rows, rows[:, n_stats:], lost
-
-    def steps_written_now(self) -> int:
-        return int(self.steps_written.numpy())
 
 
 # The trace state of the GradWatch step being traced in this thread, for

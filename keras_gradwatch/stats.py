@@ -92,42 +92,19 @@ def summed_rows(gradient: tf.IndexedSlices) -> tf.Tensor:
     return tf.math.unsorted_segment_sum(values, row_position, tf.size(unique_rows))
 
 
-def core_stats(flat: tf.Tensor) -> tf.Tensor:
-    """Return `[L2 norm, max |g|]` of a 1-D float32 gradient."""
-    return tf.stack([tf.sqrt(sum_of_squares(flat)), max_abs(flat)])
-
-
 def l2_norm(tensor) -> tf.Tensor:
     """Return the L2 norm of a tensor of any shape as a float32 scalar."""
     return tf.sqrt(sum_of_squares(flat32(tensor)))
 
 
-def dense_gradient_stats(gradient) -> list[tf.Tensor]:
-    """Return L2 norm, max |g|, non-finite count and zero fraction of a gradient.
+def zero_fraction(values: tf.Tensor, dense_size: int) -> tf.Tensor:
+    """Return the fraction of exactly-zero entries of a gradient of `dense_size` entries.
 
-    All four in one call, each computed directly; the train step computes the
-    same numbers in the cheaper way the module docstring describes.
+    `values` are the gradient's entries, or for an `IndexedSlices` gradient
+    the entries of its `summed_rows`; the rows it leaves out are zero.
     """
-    values = flat32(gradient)
-    norm, largest = tf.unstack(core_stats(values))
-    size = tf.cast(tf.size(values), tf.float32)
-    return [norm, largest, nonfinite_count(values), tf.math.divide_no_nan(zero_count(values), size)]
-
-
-def sparse_gradient_stats(gradient: tf.IndexedSlices, dense_size: int) -> list[tf.Tensor]:
-    """Return the statistics of the dense equivalent of an `IndexedSlices` gradient."""
-    rows = flat32(summed_rows(gradient))
-    norm, largest = tf.unstack(core_stats(rows))
-    nonzero = tf.cast(tf.size(rows), tf.float32) - zero_count(rows)
-    zero_fraction = 1.0 - nonzero / float(max(dense_size, 1))
-    return [norm, largest, nonfinite_count(rows), zero_fraction]
-
-
-def gradient_stats(gradient, dense_size: int) -> list[tf.Tensor]:
-    """Return the four gradient statistics of a dense or sparse gradient."""
-    if isinstance(gradient, tf.IndexedSlices):
-        return sparse_gradient_stats(gradient, dense_size)
-    return dense_gradient_stats(gradient)
+    absent = float(dense_size) - tf.cast(tf.size(values), tf.float32)
+    return (zero_count(values) + absent) / float(max(dense_size, 1))
 
 
 # The unsorted segment ops, unlike the sorted ones, have XLA kernels, so the
@@ -151,11 +128,6 @@ def segment_max_abs(flat: tf.Tensor, ids: tf.Tensor, n: int) -> tf.Tensor:
     return tf.maximum(largest, 0.0)
 
 
-def segment_core_stats(flat: tf.Tensor, ids: tf.Tensor, n: int) -> tf.Tensor:
-    """Return `(n, 2)` rows of `[L2 norm, max |g|]` of the segments of `flat`."""
-    return tf.stack([segment_l2_norm(flat, ids, n), segment_max_abs(flat, ids, n)], axis=1)
-
-
 def segment_nonfinite_count(flat: tf.Tensor, ids: tf.Tensor, n: int) -> tf.Tensor:
     """Return the number of NaN or Inf entries of each segment of `flat`."""
     bad = tf.cast(tf.logical_not(tf.math.is_finite(flat)), tf.float32)
@@ -165,21 +137,6 @@ def segment_nonfinite_count(flat: tf.Tensor, ids: tf.Tensor, n: int) -> tf.Tenso
 def segment_zero_count(flat: tf.Tensor, ids: tf.Tensor, n: int) -> tf.Tensor:
     """Return the number of exactly-zero entries of each segment of `flat`."""
     return tf.math.unsorted_segment_sum(tf.cast(tf.equal(flat, 0.0), tf.float32), ids, n)
-
-
-def segment_gradient_stats(flat: tf.Tensor, sizes: list[int]) -> tf.Tensor:
-    """Return the four gradient statistics of several dense gradients at once.
-
-    `flat` is the concatenation of the flattened gradients, `sizes` their
-    sizes in order. Returns a `(len(sizes), 4)` tensor with the columns of
-    `dense_gradient_stats`: L2 norm, max |g|, non-finite count, zero fraction.
-    """
-    ids = segment_ids(sizes)
-    n = len(sizes)
-    core = segment_core_stats(flat, ids, n)
-    nonfinite = segment_nonfinite_count(flat, ids, n)
-    zeros = segment_zero_count(flat, ids, n) / tf.constant(sizes, tf.float32)
-    return tf.concat([core, tf.stack([nonfinite, zeros], axis=1)], axis=1)
 
 
 def segment_norms(columns: tf.Tensor, sizes: list[int]) -> tf.Tensor:
@@ -199,10 +156,10 @@ def histogram(tensor, xla: bool = False) -> tf.Tensor:
 
     Equal-width buckets between the tensor's min and max, as
     `tf.summary.histogram` makes them. `tf.histogram_fixed_width` does the
-    bucketing in one op, but XLA cannot compile it; with `xla=True` the bucket
+    bucketing in one op, but XLA cannot compile it. With `xla=True` the bucket
     index comes from plain arithmetic and the counts from an unsorted segment
-    sum, which takes about twice as long and more temporary memory. The output
-    shape is fixed, as XLA needs.
+    sum. That takes about twice as long and more temporary memory
+    (`bench/reduction_cost.py`). The output shape is fixed, as XLA needs.
     A tensor whose values are all equal puts every entry in the first bucket
     and gets edges equal to that value (see `trim_histogram`).
 
